@@ -1,0 +1,5 @@
+"""``python -m apirouter`` runs the CLI."""
+
+from apirouter.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The ``apirouter`` command: ``serve``, ``check-config``, ``test-alert``.
+
+Thin by design: parse options, call one library function, render with rich, map the result
+to an exit code. Exit codes: 0 success; 1 errors found (invalid config, event rejected);
+2 usage or configuration error; 3 warnings found under ``check-config --strict``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from apirouter import __version__, diagnostics, logs, server, tracking
+from apirouter.app import build
+from apirouter.config import ConfigInvalid, Problem, shipped_providers
+from apirouter.settings import Settings, SettingsError, read_environment
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+cli = typer.Typer(
+    name="apirouter",
+    help="OpenAI-compatible API router for one LLM provider, with Sentry error tracking "
+    "and upstream-failure alerting.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EnvFile = Annotated[
+    Path, typer.Option("--env-file", help="Read variables from this file (real env wins).")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"apirouter {__version__}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """OpenAI-compatible API router for one LLM provider."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error to stderr and return the Exit to raise."""
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def load_settings(env_file: Path) -> tuple[Settings, dict[str, str]]:
+    env = read_environment(env_file)
+    try:
+        return Settings.from_env(env), env
+    except SettingsError as exc:
+        for name, message in exc.problems:
+            err.print(f"[red]error:[/red] {name}: {message}", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@cli.command()
+def serve(
+    provider: Annotated[
+        str | None,
+        typer.Argument(help=f"Shipped provider: {', '.join(shipped_providers())}. Default qwen."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Provider config file (hot-reloaded).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: the config's, 8000).")] = None,
+    threads: Annotated[
+        int, typer.Option(min=1, max=1024, help="Worker threads; each open stream holds one.")
+    ] = 32,
+    env_file: EnvFile = Path(".env"),
+) -> None:
+    """Run the router.
+
+    Examples:
+
+      apirouter serve                      # qwen, on 127.0.0.1:8000
+
+      apirouter serve openai --port 9000
+
+      apirouter serve --config my-provider.json --host 0.0.0.0 --threads 64
+    """
+    if provider and config:
+        raise fail("give a provider name or --config, not both")
+    settings, env = load_settings(env_file)
+    logs.setup(settings.log_format)
+    enabled = tracking.init(settings)  # before the server starts its threads
+    try:
+        application = build(settings, str(config) if config else provider, tracking_enabled=enabled)
+    except ConfigInvalid as exc:
+        err.print(f"[red]error:[/red] invalid provider config {exc.source}:", soft_wrap=True)
+        print_problems(err, exc.problems)
+        raise typer.Exit(1) from None
+    current = application.store.current
+    try:
+        http_server = server.make_server(application, host, port or current.port, threads)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise fail(f"cannot listen on {host}:{port or current.port}: {reason}", 1) from None
+    warnings = diagnostics.lint_environment(settings, env) + diagnostics.lint_config(
+        current, settings
+    )
+
+    def banner() -> None:
+        urls = ", ".join(server.listen_urls(http_server))
+        sentry = diagnostics.environment_facts(settings, env)["sentry"]
+        err.print(f"apirouter {__version__} listening on {urls}", soft_wrap=True)
+        err.print(f"  provider {current.name} -> {current.base_url}", soft_wrap=True)
+        err.print(f"  sentry   {sentry}", soft_wrap=True)
+        err.print(f"  threads  {threads}; metrics at /metrics, health at /health", soft_wrap=True)
+        print_problems(err, warnings)
+
+    server.run(http_server, application, on_ready=banner)
+
+
+@cli.command("check-config")
+def check_config(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Shipped provider names or config file paths.")
+    ] = None,
+    all_shipped: Annotated[
+        bool, typer.Option("--all", help="Check every shipped provider.")
+    ] = False,
+    env_file: EnvFile = Path(".env"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 3 when there are warnings.")] = False,
+) -> None:
+    """Validate provider configs and the environment, offline (for CI).
+
+    With no target, checks the config serve would use (API_ROUTER_CONFIG_PATH, else qwen).
+
+    Exit codes: 0 valid; 1 errors found; 2 usage error (bad option, file not found);
+    3 warnings found with --strict.
+
+    Examples:
+
+      apirouter check-config --all --strict
+
+      apirouter check-config ./my-provider.json --env-file prod.env --json
+    """
+    env = read_environment(env_file)
+    try:
+        report = diagnostics.check(list(targets or []), all_shipped, env)
+    except diagnostics.UsageError as exc:
+        raise fail(str(exc)) from None
+    code = report.exit_code(strict)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(strict), indent=2) + "\n")
+        raise typer.Exit(code)
+    _render_check(report, code)
+    raise typer.Exit(code)
+
+
+def _render_check(report: diagnostics.CheckReport, code: int) -> None:
+    for file in report.files:
+        verdict = "[green]SUCCESS[/green]" if file.ok else "[red]FAILED[/red]"
+        out.print(f"Checking {file.source} ... {verdict}", soft_wrap=True)
+        print_problems(out, file.problems)
+    verdict = (
+        "[red]FAILED[/red]"
+        if any(p.severity == "error" for p in report.environment)
+        else "[green]SUCCESS[/green]"
+    )
+    out.print(f"Checking environment ... {verdict}")
+    for name, value in report.facts.items():
+        out.print(f"  {name}: {value}", soft_wrap=True)
+    print_problems(out, report.environment)
+    summary = f"{report.errors} error(s), {report.warnings} warning(s)"
+    out.print(("[red]" if code else "[green]") + summary + ("[/red]" if code else "[/green]"))
+
+
+def print_problems(console: Console, problems: list[Problem]) -> None:
+    for p in problems:
+        where = p.path + (f" (line {p.line}, column {p.column})" if p.line else "")
+        colour = "red" if p.severity == "error" else "yellow"
+        hint = f" [dim]— {p.hint}[/dim]" if p.hint else ""
+        console.print(
+            f"  [{colour}]{p.severity}[/{colour}] {where}: {p.message}{hint}", soft_wrap=True
+        )
+
+
+def main() -> None:
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)

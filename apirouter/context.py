@@ -1,0 +1,31 @@
+"""What one request is, and how it ended: the two records every reporter reads.
+
+``finish`` builds one ``Outcome`` per request; metrics, the access log, Sentry and the
+failure tracker all read that same record, so they cannot disagree about what happened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apirouter.errors import RouterError
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    method: str
+    route: str  # a known route, or "other": safe as a metrics label
+    provider: str
+    key_label: str  # anonymized client key, or "anonymous"
+    start: float
+    upstream_host: str = ""
+    upstream_url: str = ""  # without query string
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    error: RouterError | None = None

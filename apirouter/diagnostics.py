@@ -1,0 +1,250 @@
+"""What ``check-config`` does, as plain functions returning result objects.
+
+The validators are the ones ``serve`` uses (``config.load`` and ``Settings.from_env``), so a
+passing ``check-config`` means ``serve`` accepts the same inputs. The risk lints here run
+at ``serve`` start-up too, as warnings. Fully offline: nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from apirouter.config import ConfigInvalid, Problem, ProviderConfig, load, shipped_providers
+from apirouter.settings import Settings, SettingsError
+from apirouter.tracking import masked_dsn
+
+EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """The command line names something that does not exist."""
+
+
+@dataclass
+class FileReport:
+    target: str
+    source: str
+    provider: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "error" for p in self.problems)
+
+
+@dataclass
+class CheckReport:
+    files: list[FileReport]
+    environment: list[Problem]
+    facts: dict[str, str]
+
+    def problems(self) -> list[Problem]:
+        return [p for f in self.files for p in f.problems] + self.environment
+
+    @property
+    def errors(self) -> int:
+        return sum(p.severity == "error" for p in self.problems())
+
+    @property
+    def warnings(self) -> int:
+        return sum(p.severity == "warning" for p in self.problems())
+
+    def exit_code(self, strict: bool) -> int:
+        if self.errors:
+            return EXIT_ERRORS
+        if strict and self.warnings:
+            return EXIT_WARNINGS
+        return EXIT_OK
+
+    def to_json(self, strict: bool) -> dict:
+        def problem(p: Problem) -> dict:
+            return {k: v for k, v in vars(p).items() if v not in (None, "")}
+
+        return {
+            "files": [
+                {
+                    "target": f.target,
+                    "source": f.source,
+                    "provider": f.provider,
+                    "ok": f.ok,
+                    "problems": [problem(p) for p in f.problems],
+                }
+                for f in self.files
+            ],
+            "environment": {
+                "facts": self.facts,
+                "problems": [problem(p) for p in self.environment],
+            },
+            "summary": {
+                "errors": self.errors,
+                "warnings": self.warnings,
+                "exit_code": self.exit_code(strict),
+            },
+        }
+
+
+def check(targets: list[str], all_shipped: bool, env: Mapping[str, str]) -> CheckReport:
+    """Validate the named configs (or the one serve would use) and the environment."""
+    settings, environment = check_environment(env)
+    if all_shipped:
+        targets = [*shipped_providers(), *targets]
+    if not targets:
+        targets = [env.get("API_ROUTER_CONFIG_PATH") or "qwen"]
+    _require_existing(targets)
+    files = [check_file(target, settings) for target in targets]
+    facts = environment_facts(settings, env)
+    return CheckReport(files, environment, facts)
+
+
+def _require_existing(targets: list[str]) -> None:
+    names = shipped_providers()
+    for target in targets:
+        if target not in names and not Path(target).exists():
+            raise UsageError(
+                f"'{target}' is neither a shipped provider ({', '.join(names)}) "
+                "nor an existing file"
+            )
+
+
+def check_file(target: str, settings: Settings | None) -> FileReport:
+    shipped = target in shipped_providers()
+    source = f"provider '{target}' (shipped)" if shipped else target
+    report = FileReport(target, source)
+    try:
+        config = load(target)
+    except ConfigInvalid as exc:
+        report.problems = exc.problems
+        return report
+    report.provider = config.name
+    report.problems = lint_config(config, settings)
+    return report
+
+
+def check_environment(env: Mapping[str, str]) -> tuple[Settings | None, list[Problem]]:
+    try:
+        settings = Settings.from_env(env)
+    except SettingsError as exc:
+        problems = [Problem(name, message, _env_hint(name)) for name, message in exc.problems]
+        return None, problems
+    return settings, lint_environment(settings, env)
+
+
+def _env_hint(name: str) -> str:
+    hints = {
+        "SENTRY_DSN": "copy it from Sentry: Project Settings > Client Keys (DSN)",
+        "SENTRY_SAMPLE_RATE": "e.g. SENTRY_SAMPLE_RATE=1.0",
+        "LOG_FORMAT": "LOG_FORMAT=text or LOG_FORMAT=json",
+    }
+    return hints.get(name, "see .env.example for the accepted values")
+
+
+def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem]:
+    """Things that work but are risky."""
+    problems = []
+    if settings.default_api_key and not settings.client_keys:
+        problems.append(
+            warning(
+                "DEFAULT_API_KEY",
+                "open relay: anyone who can reach apirouter spends this key "
+                "(no client keys are required)",
+                "set APIROUTER_CLIENT_KEYS, or keep apirouter on a private address",
+            )
+        )
+    if settings.client_keys and not settings.default_api_key:
+        problems.append(
+            warning(
+                "APIROUTER_CLIENT_KEYS",
+                "client keys are required but DEFAULT_API_KEY is empty",
+                "set DEFAULT_API_KEY (or a key header in the provider config) for the upstream",
+            )
+        )
+    if env.get("RATE_LIMIT_REQUESTS_PER_MINUTE", "").strip() == "0":
+        problems.append(
+            warning(
+                "RATE_LIMIT_REQUESTS_PER_MINUTE",
+                "a rate limit of 0 turns rate limiting off",
+                "remove the variable to say so, or set a positive limit",
+            )
+        )
+    if settings.sentry_dsn:
+        if settings.sentry_sample_rate == 0:
+            problems.append(
+                warning(
+                    "SENTRY_SAMPLE_RATE",
+                    "0 drops every error event (alerts are still sent)",
+                    "use a rate above 0 to see individual failures",
+                )
+            )
+        if urlsplit(settings.sentry_dsn).scheme == "http" and not _loopback(settings.sentry_dsn):
+            problems.append(
+                warning(
+                    "SENTRY_DSN",
+                    "plain http to a non-loopback host: events travel unencrypted",
+                    "use the https:// DSN",
+                )
+            )
+    return problems
+
+
+def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
+    problems = []
+    if urlsplit(config.base_url).scheme == "http" and not _loopback(config.base_url):
+        problems.append(
+            warning(
+                "$.baseUrl",
+                "plain http to a non-loopback host: keys and prompts travel unencrypted",
+                "use https://",
+            )
+        )
+    for alias, target in config.model_mapping.items():
+        if alias == target:
+            problems.append(
+                warning(
+                    f'$.modelMapping["{alias}"]',
+                    "model is mapped to itself",
+                    "remove the entry; unmapped models pass through unchanged",
+                )
+            )
+    return problems
+
+
+def warning(path: str, message: str, hint: str) -> Problem:
+    return Problem(path, message, hint, severity="warning")
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict[str, str]:
+    """A summary an operator can read without any secret in it."""
+    if settings is None:
+        return {}
+    sentry = "off (SENTRY_DSN is empty)"
+    if settings.sentry_dsn:
+        sentry = (
+            f"on: {masked_dsn(settings.sentry_dsn)} (environment "
+            f"{settings.sentry_environment}, sample rate {settings.sentry_sample_rate:g})"
+        )
+    return {
+        "sentry": sentry,
+        "alerting": (
+            f"{settings.alert_threshold} failures in {settings.alert_window_seconds:g}s, "
+            f"at most one alert per {settings.alert_throttle_seconds:g}s"
+        ),
+        "default_api_key": "set" if settings.default_api_key else "not set",
+        "client_keys": f"{len(settings.client_keys)} configured"
+        if settings.client_keys
+        else "none",
+        "log_format": settings.log_format,
+    }

@@ -1,0 +1,181 @@
+"""The one error taxonomy of apirouter.
+
+Every failure a request can end in is one of these classes. Each class knows, as class
+attributes, everything the rest of the code needs: the HTTP status sent to the client, the
+``error_type`` tag used in metrics, logs and Sentry, the Sentry level, whether it is reported
+to Sentry at all, and whether it counts as an upstream failure for alerting. Nothing else
+keeps its own mapping table.
+
+    RouterError
+    ├── ClientError                     the client's mistake: 4xx, not reported by default
+    │   ├── BadRequest                  400
+    │   ├── Unauthorized                401
+    │   ├── NotFound                    404
+    │   ├── MethodNotAllowed            405 (carries the allowed methods)
+    │   ├── PayloadTooLarge             413
+    │   ├── UnsupportedMediaType        415
+    │   └── RateLimited                 429 (carries Retry-After)
+    ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
+    ├── ServerError                     ours: 500, reported
+    │   ├── ConfigError                 the provider config cannot serve this request
+    │   └── InternalError               an unhandled exception
+    └── UpstreamFailure                 the provider's fault: reported, counts for alerting
+        ├── UpstreamConnectError        502 refused / unreachable
+        ├── UpstreamDNSError            502 host name did not resolve
+        ├── UpstreamTLSError            502 TLS handshake or certificate failure
+        ├── UpstreamProtocolError       502 broken or truncated HTTP response
+        ├── UpstreamTimeout             504
+        └── UpstreamServerError         the upstream's own 5xx, passed through as sent
+
+Upstream 4xx responses are the client's business: passed through untouched and never an
+error here. httpx exceptions are translated into this tree in exactly one place,
+``apirouter.upstream.translate_httpx_error``.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class RouterError(Exception):
+    """Base of every failure a request can end in."""
+
+    status: int = 500
+    error_type: str = "internal_error"
+    openai_type: str = "server_error"
+    sentry_level: str = "error"
+    reported: bool = True
+    upstream_failure: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        """Extra headers the client must see with this error (Allow, Retry-After...)."""
+        return []
+
+    def body(self) -> bytes:
+        """The OpenAI-style error body: ``{"error": {"message", "type", "code"}}``."""
+        error = {"message": self.message, "type": self.openai_type, "code": self.error_type}
+        return json.dumps({"error": error}).encode()
+
+
+class ClientError(RouterError):
+    """The client sent something we cannot accept. Not a Sentry event by default."""
+
+    openai_type = "invalid_request_error"
+    sentry_level = "info"
+    reported = False
+
+
+class BadRequest(ClientError):
+    status = 400
+    error_type = "bad_request"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    error_type = "unauthorized"
+    openai_type = "authentication_error"
+
+
+class NotFound(ClientError):
+    status = 404
+    error_type = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    error_type = "method_not_allowed"
+
+    def __init__(self, message: str, allowed: list[str]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("Allow", ", ".join(self.allowed))]
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    error_type = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    error_type = "unsupported_media_type"
+
+
+class RateLimited(ClientError):
+    status = 429
+    error_type = "rate_limited"
+    openai_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after_seconds))]
+
+
+class ClientDisconnected(RouterError):
+    """The client went away before the response was complete: counted, never reported."""
+
+    status = 499
+    error_type = "client_disconnected"
+    sentry_level = "info"
+    reported = False
+
+
+class ServerError(RouterError):
+    """Our own fault."""
+
+
+class ConfigError(ServerError):
+    error_type = "config_error"
+
+
+class InternalError(ServerError):
+    error_type = "internal_error"
+
+
+class UpstreamFailure(RouterError):
+    """The provider's fault: reported to Sentry and counted by the failure tracker."""
+
+    status = 502
+    error_type = "upstream_error"
+    openai_type = "upstream_error"
+    upstream_failure = True
+
+
+class UpstreamConnectError(UpstreamFailure):
+    error_type = "upstream_connect_error"
+
+
+class UpstreamDNSError(UpstreamFailure):
+    error_type = "upstream_dns_error"
+
+
+class UpstreamTLSError(UpstreamFailure):
+    error_type = "upstream_tls_error"
+
+
+class UpstreamProtocolError(UpstreamFailure):
+    error_type = "upstream_protocol_error"
+
+
+class UpstreamTimeout(UpstreamFailure):
+    status = 504
+    error_type = "upstream_timeout"
+
+
+class UpstreamServerError(UpstreamFailure):
+    """The upstream answered 5xx. The client gets the upstream's own status and body."""
+
+    error_type = "upstream_5xx"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

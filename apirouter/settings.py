@@ -1,0 +1,296 @@
+"""Runtime settings, read once from the environment into a frozen dataclass.
+
+The whole environment contract is one table, ``VARIABLES``: name, converter, default, and a
+one-line description. ``Settings.from_env(mapping)`` converts every variable and reports
+*every* bad value at once (never silently replacing one with a default), so ``serve`` and
+``check-config`` agree by construction and tests can pass a plain dict.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+from sentry_sdk.utils import BadDsn, Dsn
+
+from apirouter import __version__
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are invalid; ``problems`` lists them all."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {message}" for name, message in problems))
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _optional_text(value: str) -> str | None:
+    return value.strip() or None
+
+
+def _dsn(value: str) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        Dsn(value)
+    except BadDsn as exc:
+        raise ValueError(
+            f"not a valid Sentry DSN ({exc}); expected https://KEY@HOST/PROJECT_ID"
+        ) from None
+    return value
+
+
+def _fraction(value: str) -> float:
+    expected = "must be a number from 0.0 to 1.0"
+    number = _parse(float, value, expected)
+    if math.isnan(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(expected)
+    return number
+
+
+def _positive_int(value: str) -> int:
+    expected = "must be a whole number of at least 1"
+    number = _parse(int, value, expected)
+    if number < 1:
+        raise ValueError(expected)
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    expected = "must be a whole number of at least 0 (0 = off)"
+    number = _parse(int, value, expected)
+    if number < 0:
+        raise ValueError(expected)
+    return number
+
+
+def _positive_seconds(value: str) -> float:
+    expected = "must be a number of seconds greater than 0"
+    number = _parse(float, value, expected)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(expected)
+    return number
+
+
+def _parse(kind: Callable[[str], Any], value: str, expected: str) -> Any:
+    """int()/float() with a message made for people instead of Python's."""
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+
+
+def _log_format(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be 'text' or 'json'")
+    return value
+
+
+def _boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _key_list(value: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in value.split(",") if key.strip())
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    attribute: str
+    convert: Callable[[str], Any]
+    default: str
+    description: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "API_ROUTER_CONFIG_PATH",
+        "config_path",
+        _optional_text,
+        "",
+        "Provider config file to load instead of a shipped provider (hot-reloaded).",
+    ),
+    Variable(
+        "DEFAULT_API_KEY",
+        "default_api_key",
+        _optional_text,
+        "",
+        "Upstream API key used when neither the config nor the client supplies one.",
+    ),
+    Variable(
+        "APIROUTER_CLIENT_KEYS",
+        "client_keys",
+        _key_list,
+        "",
+        "Comma-separated keys clients must present; when set, client keys are not "
+        "forwarded and the upstream key comes from the config or DEFAULT_API_KEY.",
+    ),
+    Variable("LOG_FORMAT", "log_format", _log_format, "text", "Access log format: text or json."),
+    Variable(
+        "RATE_LIMIT_REQUESTS_PER_MINUTE",
+        "rate_limit_rpm",
+        _non_negative_int,
+        "0",
+        "Default requests per minute per (route, client key); 0 = no limit.",
+    ),
+    Variable(
+        "RATE_LIMIT_BURST",
+        "rate_limit_burst",
+        _positive_int,
+        "10",
+        "Default bucket capacity (burst) for the rate limit above.",
+    ),
+    Variable(
+        "APIROUTER_MAX_BODY_BYTES",
+        "max_body_bytes",
+        _positive_int,
+        str(32 * 1024 * 1024),
+        "Largest request body accepted (413 above it).",
+    ),
+    Variable(
+        "APIROUTER_CONNECT_TIMEOUT_SECONDS",
+        "connect_timeout",
+        _positive_seconds,
+        "10",
+        "Upstream connect (and connection-pool wait) timeout.",
+    ),
+    Variable(
+        "APIROUTER_READ_TIMEOUT_SECONDS",
+        "read_timeout",
+        _positive_seconds,
+        "600",
+        "Upstream read/write timeout: longest silence tolerated from the upstream.",
+    ),
+    Variable(
+        "SENTRY_DSN",
+        "sentry_dsn",
+        _dsn,
+        "",
+        "Enables Sentry error tracking and alerting; empty = off.",
+    ),
+    Variable(
+        "SENTRY_SAMPLE_RATE",
+        "sentry_sample_rate",
+        _fraction,
+        "1.0",
+        "Fraction of error events sent (alerts are never sampled).",
+    ),
+    Variable(
+        "SENTRY_ENVIRONMENT", "sentry_environment", _text, "production", "Sentry environment name."
+    ),
+    Variable(
+        "SENTRY_RELEASE",
+        "sentry_release",
+        _text,
+        f"apirouter@{__version__}",
+        "Sentry release name.",
+    ),
+    Variable(
+        "APIROUTER_SENTRY_CLIENT_ERRORS",
+        "sentry_client_errors",
+        _boolean,
+        "false",
+        "Also send client errors (4xx we return) to Sentry, at level info.",
+    ),
+    Variable(
+        "APIROUTER_ALERT_THRESHOLD",
+        "alert_threshold",
+        _positive_int,
+        "5",
+        "Upstream failures within the window that raise an alert.",
+    ),
+    Variable(
+        "APIROUTER_ALERT_WINDOW_SECONDS",
+        "alert_window_seconds",
+        _positive_seconds,
+        "300",
+        "Sliding window for counting upstream failures.",
+    ),
+    Variable(
+        "APIROUTER_ALERT_THROTTLE_SECONDS",
+        "alert_throttle_seconds",
+        _positive_seconds,
+        "60",
+        "At most one alert per provider per this many seconds.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: str | None
+    default_api_key: str | None
+    client_keys: tuple[str, ...]
+    log_format: str
+    rate_limit_rpm: int
+    rate_limit_burst: int
+    max_body_bytes: int
+    connect_timeout: float
+    read_timeout: float
+    sentry_dsn: str | None
+    sentry_sample_rate: float
+    sentry_environment: str
+    sentry_release: str
+    sentry_client_errors: bool
+    alert_threshold: int
+    alert_window_seconds: float
+    alert_throttle_seconds: float
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Convert every variable; raise SettingsError listing every invalid one."""
+        values: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []
+        for variable in VARIABLES:
+            raw = env.get(variable.name)
+            if raw is None:
+                raw = variable.default
+            try:
+                values[variable.attribute] = variable.convert(raw)
+            except ValueError as exc:
+                problems.append((variable.name, f"invalid value {_shown(variable, raw)}: {exc}"))
+        if problems:
+            raise SettingsError(problems)
+        return cls(**values)
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> Settings:
+        """Default settings with some values replaced (used by tests and test-alert)."""
+        settings = cls.from_env({})
+        return cls(**{**{f.name: getattr(settings, f.name) for f in fields(cls)}, **overrides})
+
+
+def _shown(variable: Variable, raw: str) -> str:
+    """Quote a bad value for an error message without ever printing a secret."""
+    if variable.name in ("SENTRY_DSN", "DEFAULT_API_KEY", "APIROUTER_CLIENT_KEYS"):
+        return "(hidden)"
+    return repr(raw)
+
+
+def read_environment(env_file: str | Path | None = ".env") -> dict[str, str]:
+    """The process environment over the variables of a ``.env`` file, if one exists.
+
+    Real environment variables win, as with docker and systemd: the file only fills gaps.
+    """
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ)
+    return merged

@@ -1,0 +1,202 @@
+"""Sentry error tracking: init, per-request capture, alert events, scrubbing.
+
+Rules (DESIGN.md §4), each enforced here:
+- Enabled only by a valid ``SENTRY_DSN``; disabled means ``sentry_sdk.init`` is never called.
+- Every event is captured inside its own forked isolation scope that carries only that
+  request's tags. Nothing is ever set on the shared/global or per-thread scope, so tags
+  cannot leak between requests (the older router's defect).
+- Alerts bypass ``SENTRY_SAMPLE_RATE`` through ``error_sampler``: a sampled-away alert is a
+  missed page.
+- Secrets never leave: no default PII, no local variables, no request bodies, an extended
+  recursive denylist, and a ``before_send`` that filters anything that looks like a secret.
+- A failure already captured is logged with ``extra={"sentry_reported": True}`` and the
+  logging integration's copy is dropped, so each failure is reported exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import sentry_sdk
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
+from sentry_sdk.utils import Dsn
+
+from apirouter.alerting import Alert, Recovery
+from apirouter.context import RequestContext
+from apirouter.errors import InternalError, RouterError
+from apirouter.settings import Settings
+
+REPORTED = {"sentry_reported": True}  # logging `extra` marking a failure already captured
+FILTERED = "[Filtered]"
+_SECRET_KEY = re.compile(
+    r"authorization|api[-_]?key|x-api-key|cookie|secret|password|passwd|token|dsn|credential",
+    re.IGNORECASE,
+)
+_SECRET_VALUE = re.compile(r"^(bearer|basic)\s+\S+|^sk-[A-Za-z0-9_-]{8,}", re.IGNORECASE)
+_EXTRA_DENYLIST = ["x-api-key", "api-key", "api_key", "apikey", "x_api_key", "proxy-authorization"]
+
+
+def masked_dsn(dsn: str) -> str:
+    """The DSN with its key(s) masked: safe to print, still tells host and project."""
+    parsed = Dsn(dsn)
+    return f"{parsed.scheme}://***@{parsed.netloc}{parsed.path}{parsed.project_id}"
+
+
+def init(settings: Settings, transport: Any = None) -> bool:
+    """Initialise the SDK if a DSN is configured. Call before the server starts threads."""
+    if not settings.sentry_dsn:
+        return False
+    sample_rate = settings.sentry_sample_rate
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn,
+        environment=settings.sentry_environment,
+        release=settings.sentry_release,
+        sample_rate=sample_rate,
+        error_sampler=lambda event, hint: 1.0 if _is_alert(event) else sample_rate,
+        send_default_pii=False,
+        include_local_variables=False,
+        max_request_body_size="never",
+        event_scrubber=EventScrubber(denylist=DEFAULT_DENYLIST + _EXTRA_DENYLIST, recursive=True),
+        before_send=before_send,
+        before_breadcrumb=lambda crumb, hint: _scrub(crumb),
+        # No httpx integration: it would add sentry-trace/baggage headers to upstream calls
+        # and URL breadcrumbs. No log breadcrumbs: they would pile up on a thread's scope.
+        auto_enabling_integrations=False,
+        integrations=[LoggingIntegration(level=None, event_level=logging.ERROR)],
+        trace_propagation_targets=[],
+        traces_sample_rate=None,
+        transport_queue_size=1000,
+        transport=transport,
+    )
+    return True
+
+
+def _is_alert(event: dict[str, Any]) -> bool:
+    return "alert_type" in (event.get("tags") or {})
+
+
+def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+    record = hint.get("log_record") if hint else None
+    if record is not None and getattr(record, "sentry_reported", False):
+        return None  # this failure was captured directly; the log line is its echo
+    return _scrub(event)
+
+
+def _scrub(value: Any) -> Any:
+    """Replace every value whose key or content looks like a secret, at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: FILTERED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, str) and _SECRET_VALUE.search(value):
+        return FILTERED
+    return value
+
+
+def request_tags(ctx: RequestContext) -> dict[str, str]:
+    return {
+        "request_id": ctx.request_id,
+        "route": ctx.route,
+        "method": ctx.method,
+        "provider": ctx.provider,
+        "upstream_host": ctx.upstream_host or "none",
+        "client_key": ctx.key_label,
+    }
+
+
+def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str | None:
+    """Send one event for a failed request, on an isolation scope of its own."""
+    with sentry_sdk.isolation_scope() as scope:
+        scope.set_tags(request_tags(ctx))
+        scope.set_tag("error_type", error.error_type)
+        scope.set_tag("status_code", str(status))
+        scope.set_level(error.sentry_level)
+        scope.set_context(
+            "upstream",
+            {
+                "url": ctx.upstream_url or None,
+                "status": ctx.upstream_status,
+                "latency_seconds": ctx.upstream_seconds,
+                "error": error.message,
+            },
+        )
+        scope.fingerprint = [error.error_type, ctx.provider, ctx.route]
+        if isinstance(error, InternalError) and error.__cause__ is not None:
+            return sentry_sdk.capture_exception(error.__cause__)
+        return sentry_sdk.capture_event(
+            {
+                "level": error.sentry_level,
+                "logger": "apirouter",
+                "exception": {
+                    "values": [
+                        {
+                            "type": type(error).__name__,
+                            "value": error.message,
+                            "module": "apirouter.errors",
+                            "mechanism": {"type": "apirouter", "handled": True},
+                        }
+                    ]
+                },
+            }
+        )
+
+
+def capture_alert(alert: Alert) -> str | None:
+    """The alert event operators write one rule for: stable tags, one issue per provider."""
+    with sentry_sdk.isolation_scope():
+        return sentry_sdk.capture_event(
+            {
+                "level": "error",
+                "logger": "apirouter.alerts",
+                "message": (
+                    f"Repeated upstream failures for provider {alert.provider}: {alert.count} "
+                    f"failures in the last {alert.window_seconds:g}s (threshold {alert.threshold})"
+                ),
+                "tags": {"alert_type": alert.alert_type, "provider": alert.provider},
+                "fingerprint": ["apirouter-alert", alert.alert_type, alert.provider],
+                "contexts": {
+                    "alert": {
+                        "count": alert.count,
+                        "threshold": alert.threshold,
+                        "window_seconds": alert.window_seconds,
+                        "last_error_type": alert.last_error_type,
+                        "last_status": alert.last_status,
+                        "sample_request_ids": list(alert.sample_request_ids),
+                    }
+                },
+            }
+        )
+
+
+def capture_recovery(recovery: Recovery) -> str | None:
+    with sentry_sdk.isolation_scope():
+        return sentry_sdk.capture_event(
+            {
+                "level": "info",
+                "logger": "apirouter.alerts",
+                "message": f"Upstream recovered for provider {recovery.provider}",
+                "tags": {"alert_type": recovery.alert_type, "provider": recovery.provider},
+                "fingerprint": ["apirouter-alert", recovery.alert_type, recovery.provider],
+                "contexts": {"recovery": {"failures_since_alert": recovery.failures_since_alert}},
+            }
+        )
+
+
+def flush(timeout: float = 5.0) -> None:
+    client = sentry_sdk.get_client()
+    if client.is_active():
+        client.flush(timeout=timeout)
+
+
+def shutdown(timeout: float = 5.0) -> None:
+    """Flush pending events and deactivate the SDK (used by tests and on exit)."""
+    client = sentry_sdk.get_client()
+    if client.is_active():
+        client.close(timeout=timeout)
+    sentry_sdk.get_global_scope().set_client(None)
