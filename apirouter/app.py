@@ -23,11 +23,13 @@ from apirouter import __version__, errors, forward, tracking
 from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
 from apirouter.config import (
     HOP_BY_HOP,
+    ConfigInvalid,
     ConfigStore,
     Endpoint,
     ProviderConfig,
     RateLimit,
     load,
+    log_reload,
     shipped_providers,
 )
 from apirouter.context import Outcome, RequestContext
@@ -94,9 +96,7 @@ class App:
             clock=clock,
         )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
-        store.on_reload = lambda ok: self.metrics.config_reloads.labels(
-            "success" if ok else "failure"
-        ).inc()
+        store.on_reload = self._config_reloaded
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 
     # --- WSGI entry point ------------------------------------------------------------------
@@ -411,6 +411,13 @@ class App:
                     }
                 },
             )
+
+    def _config_reloaded(self, problem: ConfigInvalid | None) -> None:
+        self.metrics.config_reloads.labels("failure" if problem else "success").inc()
+        reported = False
+        if problem is not None and self.tracking_enabled:
+            reported = tracking.capture_config_error(problem, self.store.current.name) is not None
+        log_reload(problem, extra=tracking.REPORTED if reported else None)
 
     def close(self) -> None:
         self.upstream.close()

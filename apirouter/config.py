@@ -492,7 +492,7 @@ class ConfigStore:
         self._path = path
         self._lock = threading.Lock()
         self._signature = self._file_signature()
-        self.on_reload: Callable[[bool], None] = lambda ok: None
+        self.on_reload: Callable[[ConfigInvalid | None], None] = log_reload
 
     @property
     def current(self) -> ProviderConfig:
@@ -521,14 +521,20 @@ class ConfigStore:
             try:
                 config = load_file(self._path)
             except ConfigInvalid as exc:
-                log.error("config reload failed, keeping the last good config: %s", exc)
-                self.on_reload(False)
+                self.on_reload(exc)
                 return False
             if config.port != self._config.port:
                 log.warning(
                     "config port changed to %d: restart apirouter to listen there", config.port
                 )
             self._config = config
-        log.info("config reloaded from %s (provider %s)", self._path, config.name)
-        self.on_reload(True)
+        self.on_reload(None)
         return True
+
+
+def log_reload(problem: ConfigInvalid | None, extra: Mapping[str, Any] | None = None) -> None:
+    """Say what a reload did. A bad file never replaces the config that is serving."""
+    if problem is None:
+        log.info("config reloaded")
+    else:
+        log.error("config reload failed, keeping the last good config: %s", problem, extra=extra)

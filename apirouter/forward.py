@@ -77,7 +77,7 @@ def json_body(raw: bytes, mapping: Mapping[str, str]) -> Body:
     if not raw.strip():
         raise BadRequest("Request body is empty: send a JSON object with a 'model' field.")
     try:
-        document = json.loads(raw)
+        document = json.loads(raw.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
     except UnicodeDecodeError:
         raise BadRequest("Request body is not UTF-8 encoded JSON.") from None
     except json.JSONDecodeError as exc:

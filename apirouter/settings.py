@@ -255,12 +255,14 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Convert every variable; raise SettingsError listing every invalid one."""
+        """Convert every variable; raise SettingsError listing every invalid one.
+
+        An empty value counts as unset and takes the default."""
         values: dict[str, Any] = {}
         problems: list[tuple[str, str]] = []
         for variable in VARIABLES:
             raw = env.get(variable.name)
-            if raw is None:
+            if raw is None or not raw.strip():  # empty means unset, as in docker/compose
                 raw = variable.default
             try:
                 values[variable.attribute] = variable.convert(raw)

@@ -7,8 +7,9 @@ Rules (DESIGN.md §4), each enforced here:
   cannot leak between requests (the older router's defect).
 - Alerts bypass ``SENTRY_SAMPLE_RATE`` through ``error_sampler``: a sampled-away alert is a
   missed page.
-- Secrets never leave: no default PII, no local variables, no request bodies, an extended
-  recursive denylist, and a ``before_send`` that filters anything that looks like a secret.
+- Secrets never leave: no default PII (the SDK's default), no local variables, no request
+  bodies, an extended recursive denylist, and a ``before_send`` that filters anything that
+  looks like a secret.
 - A failure already captured is logged with ``extra={"sentry_reported": True}`` and the
   logging integration's copy is dropped, so each failure is reported exactly once.
 """
@@ -25,8 +26,9 @@ from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 from sentry_sdk.utils import Dsn
 
 from apirouter.alerting import Alert, Recovery
+from apirouter.config import ConfigInvalid
 from apirouter.context import RequestContext
-from apirouter.errors import InternalError, RouterError
+from apirouter.errors import ConfigError, InternalError, RouterError
 from apirouter.settings import Settings
 
 REPORTED = {"sentry_reported": True}  # logging `extra` marking a failure already captured
@@ -56,7 +58,7 @@ def init(settings: Settings, transport: Any = None) -> bool:
         release=settings.sentry_release,
         sample_rate=sample_rate,
         error_sampler=lambda event, hint: 1.0 if _is_alert(event) else sample_rate,
-        send_default_pii=False,
+        # send_default_pii stays at its default (off); passing it is deprecated in newer SDKs.
         include_local_variables=False,
         max_request_body_size="never",
         event_scrubber=EventScrubber(denylist=DEFAULT_DENYLIST + _EXTRA_DENYLIST, recursive=True),
@@ -143,6 +145,27 @@ def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str
                         }
                     ]
                 },
+            }
+        )
+
+
+def capture_config_error(problem: ConfigInvalid, provider: str) -> str | None:
+    """A config file that failed to reload: the router keeps serving the last good one."""
+    with sentry_sdk.isolation_scope() as scope:
+        scope.set_tags({"error_type": ConfigError.error_type, "provider": provider})
+        scope.set_context(
+            "config",
+            {
+                "source": problem.source,
+                "problems": [f"{p.path}: {p.message}" for p in problem.problems[:20]],
+            },
+        )
+        scope.fingerprint = [ConfigError.error_type, provider]
+        return sentry_sdk.capture_event(
+            {
+                "level": "error",
+                "logger": "apirouter.config",
+                "message": f"Config reload failed, keeping the last good config: {problem.source}",
             }
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import threading
 import time
 import zlib
@@ -142,9 +143,11 @@ def log_lines() -> Iterator[list[str]]:
             pass
 
     sink = Sink()
+    logger = logging.getLogger("apirouter")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
     logs.setup("text", stream=sink)
     yield sink.lines
-    logs.setup("text")
+    logger.handlers[:], logger.propagate, logger.level = saved
 
 
 # --- the Sentry ingest endpoint ---------------------------------------------------------------

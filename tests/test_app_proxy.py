@@ -1,0 +1,250 @@
+"""The proxy's behaviour over a real socket: forwarding, streaming, errors, limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import httpx
+import pytest
+from conftest import wait_until
+from upstream_fakes import CHAT_COMPLETION, chat_chunk, chat_stream, sse_response
+from werkzeug import Request, Response
+
+from apirouter.relay import HEARTBEAT
+
+CHAT = "/v1/chat/completions"
+
+
+def capture(httpserver, path=CHAT, body=CHAT_COMPLETION, status=200, headers=None):
+    """Answer `path` with JSON and record each request the upstream received."""
+    seen: list[Request] = []
+
+    def handler(request: Request) -> Response:
+        seen.append(request)
+        return Response(
+            json.dumps(body), status=status, headers=headers, content_type="application/json"
+        )
+
+    httpserver.expect_request(path).respond_with_handler(handler)
+    return seen
+
+
+def post(router, payload, path=CHAT, **kwargs):
+    return httpx.post(router.url + path, json=payload, timeout=10, **kwargs)
+
+
+def test_unknown_fields_pass_through_untouched_and_model_is_mapped(make_router, httpserver):
+    router = make_router({"modelMapping": {"fast": "upstream-fast-model"}})
+    seen = capture(httpserver)
+    payload = {
+        "model": "fast",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "response_format": {"type": "json_object"},
+        "top_p": 0.25,
+        "x_vendor_field": {"nested": [1, 2.5, None]},
+    }
+    response = post(router, payload)
+    assert response.status_code == 200
+    forwarded = json.loads(seen[0].get_data())
+    assert forwarded == {**payload, "model": "upstream-fast-model"}
+    assert list(forwarded) == list(payload)  # field order kept too
+
+
+def test_unmapped_body_is_forwarded_byte_for_byte(router, httpserver):
+    seen = capture(httpserver)
+    raw = b'{"model":"m",  "temperature": 1.0e0, "messages":[]}'
+    response = httpx.post(
+        router.url + CHAT, content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200
+    assert seen[0].get_data() == raw
+
+
+def test_header_precedence_and_request_id(make_router, httpserver):
+    router = make_router({"headers": {"X-Org": "configured"}}, default_api_key="sk-operator")
+    seen = capture(httpserver)
+    response = post(
+        router,
+        {"model": "m"},
+        headers={
+            "Authorization": "Bearer sk-client",
+            "X-Org": "client",
+            "X-Other": "kept",
+            "Cookie": "session=1",
+            "X-Request-ID": "client-id-123",
+        },
+    )
+    upstream = seen[0].headers
+    assert upstream["Authorization"] == "Bearer sk-client"  # client's key beats the default
+    assert upstream["X-Org"] == "configured"  # configured header beats the client's
+    assert upstream["X-Other"] == "kept"
+    assert "Cookie" not in upstream
+    assert upstream["X-Request-ID"] == "client-id-123"
+    assert response.headers["X-Request-ID"] == "client-id-123"
+
+    post(router, {"model": "m"})  # anonymous: the operator's default key is used
+    assert seen[1].headers["Authorization"] == "Bearer sk-operator"
+
+
+def test_configured_key_header_wins(make_router, httpserver):
+    router = make_router({"headers": {"Authorization": "Bearer sk-configured"}})
+    seen = capture(httpserver)
+    post(router, {"model": "m"}, headers={"Authorization": "Bearer sk-client"})
+    assert seen[0].headers["Authorization"] == "Bearer sk-configured"
+
+
+def test_client_keys_close_the_open_relay(make_router, httpserver):
+    router = make_router(client_keys=("inbound-1",), default_api_key="sk-operator")
+    seen = capture(httpserver)
+    denied = post(router, {"model": "m"})
+    assert denied.status_code == 401
+    assert denied.json()["error"]["type"] == "authentication_error"
+    wrong = post(router, {"model": "m"}, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    allowed = post(router, {"model": "m"}, headers={"Authorization": "Bearer inbound-1"})
+    assert allowed.status_code == 200
+    assert len(seen) == 1
+    assert seen[0].headers["Authorization"] == "Bearer sk-operator"  # inbound key not forwarded
+
+
+def test_generated_request_id_when_client_sends_an_insane_one(router, httpserver):
+    seen = capture(httpserver)
+    response = post(router, {"model": "m"}, headers={"X-Request-ID": "bad id\twith spaces"})
+    generated = response.headers["X-Request-ID"]
+    assert len(generated) == 32 and int(generated, 16) >= 0
+    assert seen[0].headers["X-Request-ID"] == generated
+
+
+def test_upstream_request_id_is_kept_under_another_name(router, httpserver):
+    capture(httpserver, headers={"X-Request-ID": "upstream-req-9"})
+    response = post(router, {"model": "m"}, headers={"X-Request-ID": "mine"})
+    assert response.headers["X-Request-ID"] == "mine"
+    assert response.headers["X-Upstream-Request-ID"] == "upstream-req-9"
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422, 429, 500, 503])
+def test_upstream_status_and_body_pass_through(router, httpserver, status):
+    body = {"error": {"message": f"upstream said {status}"}}
+    capture(httpserver, body=body, status=status, headers={"Retry-After": "3"})
+    response = post(router, {"model": "m"})
+    assert response.status_code == status
+    assert response.json() == body
+    assert response.headers["Retry-After"] == "3"
+
+
+def test_streamed_request_with_upstream_error_is_not_wrapped_in_200(router, httpserver):
+    capture(httpserver, body={"error": {"message": "bad"}}, status=400)
+    response = post(router, {"model": "m", "stream": True})
+    assert response.status_code == 400
+    assert response.json() == {"error": {"message": "bad"}}
+
+
+def test_sse_is_relayed_byte_for_byte(router, httpserver):
+    events = list(chat_stream(["a", "b"]))
+    httpserver.expect_request(CHAT).respond_with_response(sse_response(events))
+    with httpx.stream("POST", router.url + CHAT, json={"model": "m", "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = b"".join(response.iter_raw())
+    assert body == b"".join(events)
+
+
+def test_heartbeats_during_upstream_silence(make_router, httpserver):
+    router = make_router({"streamConfig": {"heartbeatIntervalSecs": 0.05}})
+    release = threading.Event()
+
+    def slow_stream():
+        yield chat_chunk("first")
+        release.wait(10)
+        yield b"data: [DONE]\n\n"
+
+    httpserver.expect_request(CHAT).respond_with_response(sse_response(slow_stream()))
+    received = b""
+    with httpx.stream("POST", router.url + CHAT, json={"model": "m", "stream": True}) as response:
+        for chunk in response.iter_raw():
+            received += chunk
+            if HEARTBEAT in received:
+                release.set()
+    assert HEARTBEAT in received
+    assert received.replace(HEARTBEAT, b"") == chat_chunk("first") + b"data: [DONE]\n\n"
+    frames = received.split(b"\n\n")[:-1]  # a heartbeat never lands inside an event
+    assert all(f == b": heartbeat" or f.startswith(b"data: ") for f in frames), frames
+
+
+def test_client_disconnect_mid_stream_releases_the_upstream(make_router, httpserver):
+    router = make_router()
+    upstream_closed = threading.Event()
+
+    def endless():
+        try:
+            for n in range(100_000):
+                yield chat_chunk(f"token{n}")
+                upstream_closed.wait(0.002)
+        finally:
+            upstream_closed.set()
+
+    httpserver.expect_request(CHAT).respond_with_response(sse_response(endless()))
+    with httpx.stream("POST", router.url + CHAT, json={"model": "m", "stream": True}) as response:
+        first = next(response.iter_raw())
+        assert first.startswith(b"data: ")
+    assert upstream_closed.wait(10), "the router kept reading from the upstream"
+    wait_until(lambda: router.sample("apirouter_client_disconnects_total", {"route": CHAT}) == 1)
+    assert router.sample("apirouter_requests_in_flight") == 0
+
+
+def test_upstream_refusing_connections_gives_502(make_router):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    router = make_router({"baseUrl": f"http://127.0.0.1:{port}/v1"})
+    response = post(router, {"model": "m"})
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "upstream_connect_error"
+    assert "127.0.0.1" in error["message"]
+
+
+def test_upstream_dns_failure_gives_502(make_router):
+    router = make_router({"baseUrl": "http://nonexistent.invalid/v1"})
+    response = post(router, {"model": "m"})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_dns_error"
+
+
+def test_upstream_timeout_gives_504(make_router, httpserver):
+    router = make_router(read_timeout=0.2)
+    release = threading.Event()
+
+    def stall(request: Request) -> Response:
+        release.wait(5)
+        return Response("{}", content_type="application/json")
+
+    httpserver.expect_request(CHAT).respond_with_handler(stall)
+    response = post(router, {"model": "m"})
+    release.set()
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_base_url_path_prefix_is_kept(make_router, httpserver):
+    router = make_router({"baseUrl": httpserver.url_for("/compatible-mode/v1")})
+    seen = capture(httpserver, path="/compatible-mode/v1/chat/completions")
+    assert post(router, {"model": "m"}).status_code == 200
+    assert post(router, {"model": "m", "stream": True}).status_code == 200
+    assert len(seen) == 2
+
+
+def test_query_string_is_forwarded(router, httpserver):
+    seen = capture(httpserver)
+    httpx.post(router.url + CHAT + "?api-version=2024-01-01", json={"model": "m"})
+    assert seen[0].args["api-version"] == "2024-01-01"

@@ -1,0 +1,70 @@
+"""Token buckets: refill, per-key isolation, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+
+from apirouter.config import RateLimit
+from apirouter.ratelimit import RateLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_burst_then_refill_at_rpm_over_60():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limit = RateLimit(requests_per_minute=30, burst=2)
+    key = ("/r", "k")
+    assert [limiter.acquire(key, limit) for _ in range(3)] == [None, None, 2]
+    clock.now = 1.0
+    assert limiter.acquire(key, limit) == 1  # half a token so far
+    clock.now = 2.0
+    assert limiter.acquire(key, limit) is None
+
+
+def test_idle_buckets_are_evicted_and_memory_is_capped():
+    clock = Clock()
+    limiter = RateLimiter(clock, max_buckets=100)
+    limit = RateLimit(requests_per_minute=60, burst=1)
+    for n in range(50):
+        limiter.acquire(("/r", f"key{n}"), limit)
+    clock.now = 10.0  # all refilled: idle
+    for n in range(50, 90):
+        limiter.acquire(("/r", f"key{n}"), limit)
+    assert len(limiter) < 50  # idle buckets were swept as new ones came
+    for n in range(1000):
+        limiter.acquire(("/r", f"flood{n}"), limit)
+    assert len(limiter) <= 100
+
+
+def test_a_single_key_is_never_evicted_by_itself():
+    limiter = RateLimiter(Clock())
+    limit = RateLimit(requests_per_minute=1, burst=1)
+    assert limiter.acquire(("/r", "only"), limit) is None
+    assert limiter.acquire(("/r", "only"), limit) == 60
+
+
+def test_concurrent_acquires_never_overspend():
+    limiter = RateLimiter(Clock())
+    limit = RateLimit(requests_per_minute=1, burst=50)
+    allowed = []
+    barrier = threading.Barrier(20)
+
+    def worker():
+        barrier.wait()
+        for _ in range(10):
+            if limiter.acquire(("/r", "k"), limit) is None:
+                allowed.append(1)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(allowed) == 50
