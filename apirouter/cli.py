@@ -8,16 +8,20 @@ to an exit code. Exit codes: 0 success; 1 errors found (invalid config, event re
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
 
-from apirouter import __version__, diagnostics, logs, server, tracking
+from apirouter import __version__, diagnostics, firedrill, logs, server, tracking
 from apirouter.app import build
-from apirouter.config import ConfigInvalid, Problem, shipped_providers
+from apirouter.config import ConfigInvalid, Problem, load, shipped_providers
 from apirouter.settings import Settings, SettingsError, read_environment
 
 out = Console(highlight=False)
@@ -164,6 +168,136 @@ def check_config(
         raise typer.Exit(code)
     _render_check(report, code)
     raise typer.Exit(code)
+
+
+@cli.command("test-alert")
+def test_alert(
+    dsn: Annotated[
+        str | None,
+        typer.Option(help="Sentry DSN to test (default: SENTRY_DSN).", show_default=False),
+    ] = None,
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            help="Provider label base; events say <name>-test-alert. "
+            "Default: the configured provider."
+        ),
+    ] = None,
+    failures: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=1000, help="Synthetic failures to fire (default: the alert threshold)."
+        ),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="How the synthetic upstream fails: refuse (connections) or 503.")
+    ] = "refuse",
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds to wait for Sentry per event.")
+    ] = 10.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Send nothing; show what would be sent.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    env_file: EnvFile = Path(".env"),
+) -> None:
+    """Prove that alerts reach Sentry: check the DSN, fire synthetic upstream failures
+    through the real alert path, and report what Sentry accepted.
+
+    Exit codes: 0 everything accepted; 1 DSN rejected or alert not accepted;
+    2 usage or configuration error (no DSN, invalid values).
+
+    Examples:
+
+      apirouter test-alert                        # uses SENTRY_DSN
+
+      apirouter test-alert --dsn https://KEY@o1.ingest.sentry.io/42 --mode 503
+
+      apirouter test-alert --dry-run --json
+    """
+    settings, _ = load_settings(env_file)
+    if mode not in firedrill.MODES:
+        raise fail(f"--mode must be one of: {', '.join(firedrill.MODES)}")
+    if dsn is not None:
+        try:
+            settings = Settings.from_env({**os.environ, "SENTRY_DSN": dsn})
+        except SettingsError as exc:
+            raise fail(f"--dsn: {dict(exc.problems).get('SENTRY_DSN', exc)}") from None
+    if not settings.sentry_dsn and not dry_run:
+        raise fail("no DSN: pass --dsn or set SENTRY_DSN (or use --dry-run)")
+    label = provider or _configured_provider(settings)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,40}", label):
+        raise fail("--provider must be lowercase letters, digits, '.', '_' or '-'")
+    count = failures or settings.alert_threshold
+    console = err if as_json else out
+    with Progress(
+        TextColumn("firing synthetic upstream failures"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
+        disable=as_json or not console.is_terminal,
+    ) as bar:
+        task = bar.add_task("fire", total=count)
+        report = firedrill.run(
+            settings,
+            settings.sentry_dsn,
+            label,
+            count,
+            mode,
+            timeout,
+            dry_run,
+            progress=lambda: bar.advance(task),
+        )
+    code = 0 if report.ok else 1
+    if as_json:
+        sys.stdout.write(json.dumps({**report.to_json(), "exit_code": code}, indent=2) + "\n")
+    else:
+        _render_drill(report)
+    raise typer.Exit(code)
+
+
+def _configured_provider(settings: Settings) -> str:
+    try:
+        return load(settings.config_path).name
+    except ConfigInvalid:
+        return "apirouter"
+
+
+def _render_drill(report: firedrill.DrillReport) -> None:
+    dsn = f"{report.dsn} (project {report.project_id})" if report.dsn != "none" else "none"
+    dry = " [yellow](dry run: nothing is sent)[/yellow]" if report.dry_run else ""
+    out.print(f"Sentry DSN: {dsn}{dry}", soft_wrap=True)
+    check = report.dsn_check
+    if check is not None:
+        colour = "green" if check.accepted or report.dry_run else "red"
+        out.print(f"1. DSN check: [{colour}]{check.answer}[/{colour}]", soft_wrap=True)
+    if check is not None and not check.accepted and not report.dry_run:
+        out.print("[red]FAILED[/red]: the DSN check was not accepted, so no failures were fired.")
+        return
+    out.print(
+        f"2. Fired {report.failures} synthetic upstream failure(s) ({report.mode}) at "
+        f"provider {report.provider}; alert threshold {report.threshold}"
+    )
+    table = Table("event", "level", "event id", "answer", box=None, pad_edge=False)
+    for d in report.deliveries:
+        if d.kind != "dsn-check":
+            table.add_row(d.kind, d.level, d.event_id[:12], d.answer)
+    out.print("3. Delivery:")
+    out.print(table)
+    if report.alert is None:
+        out.print(
+            f"[red]FAILED[/red]: no alert was raised ({report.failures} failure(s); "
+            f"the threshold is {report.threshold})."
+        )
+    elif report.ok:
+        verdict = "would be sent" if report.dry_run else "was accepted by Sentry"
+        out.print(f"[green]SUCCESS[/green]: the alert {verdict}.", soft_wrap=True)
+    else:
+        out.print("[red]FAILED[/red]: not every event was accepted (see above).")
+    out.print(f"In Sentry, search: {report.search}", soft_wrap=True)
+    if report.link:
+        out.print(f"Issues: {report.link}", soft_wrap=True)
 
 
 def _render_check(report: diagnostics.CheckReport, code: int) -> None:

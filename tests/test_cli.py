@@ -1,0 +1,336 @@
+"""The operator CLI, in-process with Typer's CliRunner and as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+from conftest import DSN_SECRET, wait_until, write_config
+from typer.testing import CliRunner
+
+from apirouter import __version__
+from apirouter.cli import cli
+
+runner = CliRunner()
+CLEAN_ENV = {
+    name: ""
+    for name in (
+        "SENTRY_DSN",
+        "DEFAULT_API_KEY",
+        "APIROUTER_CLIENT_KEYS",
+        "API_ROUTER_CONFIG_PATH",
+        "SENTRY_SAMPLE_RATE",
+        "RATE_LIMIT_REQUESTS_PER_MINUTE",
+        "LOG_FORMAT",
+        "NO_COLOR",
+    )
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No developer .env or environment variable may leak into these tests."""
+    monkeypatch.chdir(tmp_path)
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def invoke(*args, env=None):
+    return runner.invoke(cli, list(args), env=env)
+
+
+# --- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_all_shipped_pass():
+    result = invoke("check-config", "--all", "--strict")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("SUCCESS") == 9  # eight providers and the environment
+    assert "\x1b[" not in result.output  # no colour when not a terminal
+
+
+def test_check_config_reports_every_broken_file_with_paths(tmp_path):
+    syntax = tmp_path / "syntax.json"
+    syntax.write_text('{\n  "baseUrl": "https://x.example"\n  "port": 1\n}')
+    types = write_config(
+        tmp_path / "types.json", {"baseUrl": "https://x.example", "port": "80", "headers": []}
+    )
+    unknown = write_config(tmp_path / "unknown.json", {"baseUrl": "https://x.example", "bogus": 1})
+    bad_url = write_config(tmp_path / "url.json", {"baseUrl": "not a url"})
+    result = invoke("check-config", str(syntax), str(types), str(unknown), str(bad_url), "--json")
+    assert result.exit_code == 1
+    document = json.loads(result.stdout)
+    problems = {
+        f["target"]: [(p["path"], p["message"], p.get("line")) for p in f["problems"]]
+        for f in document["files"]
+    }
+    assert problems[str(syntax)] == [("$", "invalid JSON: Expecting ',' delimiter", 3)]
+    assert problems[str(types)] == [
+        ("$.headers", "must be an object of header names to values, not an array", None),
+        ("$.port", "must be a whole number from 1 to 65535", None),
+    ]
+    assert problems[str(unknown)] == [("$.bogus", "unknown key", None)]
+    assert problems[str(bad_url)] == [("$.baseUrl", "must be an http:// or https:// URL", None)]
+    assert document["summary"] == {"errors": 5, "warnings": 0, "exit_code": 1}
+
+
+def test_check_config_human_output_names_file_path_and_hint(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"baseUrl": "https://x.example", "base_url": 1}')
+    result = invoke("check-config", str(path))
+    assert result.exit_code == 1
+    assert f"Checking {path} ... FAILED" in result.output
+    assert "$.base_url: unknown key — did you mean 'baseUrl'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_config_json_schema():
+    result = invoke("check-config", "openai", "--json")
+    assert result.exit_code == 0
+    document = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    assert set(document) == {"files", "environment", "summary"}
+    [file] = document["files"]
+    assert file == {
+        "target": "openai",
+        "source": "provider 'openai' (shipped)",
+        "provider": "openai",
+        "ok": True,
+        "problems": [],
+    }
+    assert set(document["environment"]) == {"facts", "problems"}
+    assert document["environment"]["facts"]["sentry"] == "off (SENTRY_DSN is empty)"
+
+
+def test_check_config_warnings_fail_only_with_strict(tmp_path):
+    path = write_config(
+        tmp_path / "p.json",
+        {"baseUrl": "http://api.example.com/v1", "modelMapping": {"same": "same"}},
+    )
+    env = {"DEFAULT_API_KEY": "sk-operator-secret-key-1234567890"}
+    relaxed = invoke("check-config", str(path), env=env)
+    assert relaxed.exit_code == 0
+    strict = invoke("check-config", str(path), "--strict", "--json", env=env)
+    assert strict.exit_code == 3
+    paths = {
+        p["path"]: p["message"] for f in json.loads(strict.stdout)["files"] for p in f["problems"]
+    }
+    assert "plain http" in paths["$.baseUrl"]
+    assert paths['$.modelMapping["same"]'] == "model is mapped to itself"
+    environment = json.loads(strict.stdout)["environment"]["problems"]
+    assert environment[0]["path"] == "DEFAULT_API_KEY" and "open relay" in environment[0]["message"]
+    assert "sk-operator-secret-key-1234567890" not in strict.output
+
+
+def test_check_config_environment_errors(tmp_path):
+    env = {"SENTRY_SAMPLE_RATE": "abc", "SENTRY_DSN": f"https://{DSN_SECRET}@sentry.example/x"}
+    result = invoke("check-config", "qwen", env=env)
+    assert result.exit_code == 1
+    assert (
+        "SENTRY_SAMPLE_RATE: invalid value 'abc': must be a number from 0.0 to 1.0" in result.output
+    )
+    assert "SENTRY_DSN" in result.output and DSN_SECRET not in result.output
+
+
+def test_check_config_reads_env_file(tmp_path):
+    (tmp_path / "prod.env").write_text("LOG_FORMAT=xml\n")
+    result = invoke("check-config", "qwen", "--env-file", str(tmp_path / "prod.env"))
+    assert result.exit_code == 1
+    assert "LOG_FORMAT" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check-config", "missing.json"],
+        ["check-config", "qwne"],
+        ["check-config", "--bogus-option"],
+    ],
+)
+def test_check_config_usage_errors_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"apirouter {__version__}"
+
+
+# --- test-alert ------------------------------------------------------------------------------
+
+
+def test_test_alert_accepted_end_to_end(ingest):
+    result = invoke("test-alert", "--dsn", ingest.dsn, "--provider", "drill", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["exit_code"] == 0
+    kinds = [d["kind"] for d in report["deliveries"]]
+    assert kinds == ["dsn-check"] + ["error"] * 5 + ["alert"]
+    assert all(d["accepted"] and d["status"] == 200 for d in report["deliveries"])
+    assert report["search"] == "alert_type:repeated_upstream_failures provider:drill-test-alert"
+    alert = next(e for e in ingest.events if e["tags"].get("alert_type"))
+    assert alert["tags"]["provider"] == "drill-test-alert"
+    assert alert["tags"]["synthetic"] == "true"
+    assert alert["contexts"]["alert"]["count"] == 5
+    assert DSN_SECRET not in result.output
+    assert b"test-alert-synthetic-key" not in ingest.raw_bytes()
+
+
+def test_test_alert_human_output_and_503_mode(ingest):
+    result = invoke("test-alert", "--dsn", ingest.dsn, "--mode", "503", "--failures", "5")
+    assert result.exit_code == 0, result.output
+    assert "1. DSN check: accepted (event id" in result.output
+    assert "SUCCESS: the alert was accepted by Sentry." in result.output
+    assert "provider:qwen-test-alert" in result.output
+    errors = [e for e in ingest.events if e["tags"].get("error_type")]
+    assert {e["tags"]["error_type"] for e in errors} == {"upstream_5xx"}
+
+
+def test_test_alert_below_threshold_is_a_failure(ingest):
+    result = invoke("test-alert", "--dsn", ingest.dsn, "--failures", "2")
+    assert result.exit_code == 1
+    assert "no alert was raised" in result.output
+
+
+@pytest.mark.parametrize(
+    ("status", "retry", "words"),
+    [
+        (401, None, "rejected (HTTP 401)"),
+        (403, None, "rejected (HTTP 403)"),
+        (429, "60", "rate limited by Sentry (HTTP 429): retry after 60s"),
+    ],
+)
+def test_test_alert_server_refusals_exit_1(ingest, status, retry, words):
+    ingest.status, ingest.retry_after = status, retry
+    result = invoke("test-alert", "--dsn", ingest.dsn)
+    assert result.exit_code == 1
+    assert words in result.output
+    assert len(ingest.envelopes) == 1  # the DSN check only: nothing fired after a refusal
+
+
+def test_test_alert_unreachable_dsn(ingest):
+    result = invoke("test-alert", "--dsn", "http://key@nonexistent.invalid/1", "--timeout", "3")
+    assert result.exit_code == 1
+    assert "could not be resolved" in result.output
+
+
+def test_test_alert_dry_run_opens_no_socket_to_the_dsn_host(ingest):
+    connections = []
+    sys.addaudithook(
+        lambda event, args: connections.append(args[1]) if event == "socket.connect" else None
+    )
+    result = invoke("test-alert", "--dsn", ingest.dsn, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert ingest.envelopes == []
+    assert ingest.server.port not in {a[1] for a in connections if isinstance(a, tuple)}
+    report = json.loads(result.stdout)
+    assert report["dry_run"] is True and report["deliveries"][-1]["kind"] == "alert"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["test-alert"],
+        ["test-alert", "--dsn", "nope"],
+        ["test-alert", "--dry-run", "--mode", "explode"],
+        ["test-alert", "--dry-run", "--failures", "0"],
+    ],
+)
+def test_test_alert_usage_errors_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_test_alert_uses_sentry_dsn_from_environment(ingest):
+    result = invoke("test-alert", "--json", env={"SENTRY_DSN": ingest.dsn})
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["ok"] is True
+
+
+# --- real subprocesses ---------------------------------------------------------------------------
+
+
+def apirouter(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "apirouter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,
+    )
+
+
+def test_python_dash_m_and_exit_codes_as_subprocess(tmp_path):
+    assert apirouter("--version").stdout.strip() == f"apirouter {__version__}"
+    assert apirouter("check-config", "--all").returncode == 0
+    assert apirouter("check-config", "nope.json").returncode == 2
+    bad = apirouter("serve", env={**os.environ, "SENTRY_SAMPLE_RATE": "1.5"})
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: SENTRY_SAMPLE_RATE: invalid value '1.5': must be a number from 0.0 to 1.0"
+    )
+    unknown = apirouter("serve", "qwne")
+    assert unknown.returncode == 1
+    assert "unknown provider 'qwne'" in unknown.stderr and "openai" in unknown.stderr
+    assert "Traceback" not in unknown.stderr + bad.stderr
+
+
+def test_serve_starts_answers_and_stops_gracefully_on_sigterm(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apirouter", "serve", "generic", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = process.stderr.readline()
+        assert banner.startswith(f"apirouter {__version__} listening on http://127.0.0.1:")
+        url = banner.split("listening on ")[1].strip()
+        assert "generic" in process.stderr.readline()
+        assert "sentry   off" in process.stderr.readline()
+        health = wait_until(lambda: httpx.get(url + "/health", timeout=2).json())
+        assert health["provider"] == "generic"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_refuses_a_busy_port(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = apirouter("serve", "--port", str(busy.getsockname()[1]))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_dsn_says_so_with_the_secret_masked(tmp_path, ingest):
+    env = {**os.environ, "SENTRY_DSN": ingest.dsn}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apirouter", "serve", "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = [process.stderr.readline() for _ in range(3)]
+        assert f"sentry   on: http://***@127.0.0.1:{ingest.server.port}/1" in lines[2]
+        assert DSN_SECRET not in "".join(lines)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
