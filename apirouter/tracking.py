@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 import sentry_sdk
+from sentry_sdk.integrations.argv import ArgvIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
 from sentry_sdk.utils import Dsn
@@ -68,6 +69,8 @@ def init(settings: Settings, transport: Any = None) -> bool:
         # and URL breadcrumbs. No log breadcrumbs: they would pile up on a thread's scope.
         auto_enabling_integrations=False,
         integrations=[LoggingIntegration(level=None, event_level=logging.ERROR)],
+        # sys.argv may hold a DSN (test-alert --dsn) or a config path: never attach it.
+        disabled_integrations=[ArgvIntegration()],
         trace_propagation_targets=[],
         traces_sample_rate=None,
         transport_queue_size=1000,

@@ -179,6 +179,7 @@ def test_test_alert_accepted_end_to_end(ingest):
     assert alert["tags"]["synthetic"] == "true"
     assert alert["contexts"]["alert"]["count"] == 5
     assert DSN_SECRET not in result.output
+    assert DSN_SECRET.encode() not in ingest.raw_bytes()  # e.g. through sys.argv
     assert b"test-alert-synthetic-key" not in ingest.raw_bytes()
 
 
@@ -334,3 +335,11 @@ def test_serve_with_a_dsn_says_so_with_the_secret_masked(tmp_path, ingest):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_test_alert_as_subprocess_never_sends_the_dsn_secret(ingest):
+    result = apirouter("test-alert", "--dsn", ingest.dsn)  # the DSN is in sys.argv here
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: the alert was accepted by Sentry." in result.stdout
+    assert DSN_SECRET.encode() not in ingest.raw_bytes()
+    assert DSN_SECRET not in result.stdout + result.stderr
