@@ -83,7 +83,10 @@ def serve(
         Path | None, typer.Option("--config", "-c", help="Provider config file (hot-reloaded).")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port (default: the config's, 8000).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port (default: the config's, 8000; 0 = any free)."),
+    ] = None,
     threads: Annotated[
         int, typer.Option(min=1, max=1024, help="Worker threads; each open stream holds one.")
     ] = 32,
@@ -111,11 +114,12 @@ def serve(
         print_problems(err, exc.problems)
         raise typer.Exit(1) from None
     current = application.store.current
+    listen_port = current.port if port is None else port  # --port 0: any free port
     try:
-        http_server = server.make_server(application, host, port or current.port, threads)
+        http_server = server.make_server(application, host, listen_port, threads)
     except OSError as exc:
         reason = exc.strerror or exc
-        raise fail(f"cannot listen on {host}:{port or current.port}: {reason}", 1) from None
+        raise fail(f"cannot listen on {host}:{listen_port}: {reason}", 1) from None
     warnings = diagnostics.lint_environment(settings, env) + diagnostics.lint_config(
         current, settings
     )

@@ -293,6 +293,7 @@ def test_serve_starts_answers_and_stops_gracefully_on_sigterm(tmp_path):
         banner = process.stderr.readline()
         assert banner.startswith(f"apirouter {__version__} listening on http://127.0.0.1:")
         url = banner.split("listening on ")[1].strip()
+        assert not url.endswith(":8000")  # --port 0 means any free port, not the default
         assert "generic" in process.stderr.readline()
         assert "sentry   off" in process.stderr.readline()
         health = wait_until(lambda: httpx.get(url + "/health", timeout=2).json())
