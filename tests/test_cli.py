@@ -10,7 +10,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import DSN_SECRET, wait_until, write_config
+from support import DSN_SECRET, wait_until, write_config
 from typer.testing import CliRunner
 
 from apirouter import __version__

@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import sentry_sdk
-from conftest import DSN_SECRET, SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY, wait_until
+from support import DSN_SECRET, SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY, wait_until
 from werkzeug import Request, Response
 
 from apirouter.keys import anonymize

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bugsink import BugsinkServer
+from bugsink_server import BugsinkServer
 
 
 @pytest.fixture(scope="session")
@@ -65,15 +64,3 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def poll(fetch: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Poll Bugsink until fetch() returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing arrived in Bugsink within {timeout}s")
-        time.sleep(0.1)

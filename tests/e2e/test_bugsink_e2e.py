@@ -13,7 +13,7 @@ import threading
 
 import httpx
 import pytest
-from conftest import poll
+from bugsink_server import poll
 from werkzeug import Request, Response
 
 from apirouter.keys import anonymize

@@ -4,8 +4,8 @@ Bugsink is a test tool only (source-available licence): it goes into its own vir
 environment (it pins Django and gunicorn versions we must not inherit), never into
 apirouter's dependencies. Usable from pytest (``BugsinkServer``) and by hand:
 
-    python tests/e2e/bugsink.py start DIR    # prints the DSN, API URL and token as JSON
-    python tests/e2e/bugsink.py stop DIR
+    python tests/e2e/bugsink_server.py start DIR    # prints the DSN, API URL and token as JSON
+    python tests/e2e/bugsink_server.py stop DIR
 """
 
 from __future__ import annotations
@@ -207,6 +207,18 @@ class BugsinkServer:
         return found
 
 
+def poll(fetch, timeout: float = 20.0):
+    """Poll until fetch() returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing arrived in Bugsink within {timeout}s")
+        time.sleep(0.1)
+
+
 def main() -> None:
     command, directory = sys.argv[1], Path(sys.argv[2]).resolve()
     if command == "start":
@@ -226,7 +238,7 @@ def main() -> None:
         state = json.loads((directory / "server.json").read_text())
         BugsinkServer(directory, state["port"], "", 0, "", state["pid"]).stop()
     else:
-        raise SystemExit("usage: bugsink.py start|stop DIR")
+        raise SystemExit("usage: bugsink_server.py start|stop DIR")
 
 
 if __name__ == "__main__":

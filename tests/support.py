@@ -1,0 +1,151 @@
+"""Test helpers shared by every test module (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from apirouter import server, tracking
+from apirouter.app import App
+
+SECRET_CLIENT_KEY = "sk-client-SECRET-0123456789abcdefghijklmnop"
+SECRET_DEFAULT_KEY = "sk-default-SECRET-zyxwvutsrqponmlkjihgfedcba"
+DSN_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll until predicate() is truthy or the deadline passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@dataclass
+class Router:
+    app: App
+    url: str  # http://127.0.0.1:PORT
+    config_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.app.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@contextmanager
+def serving(app: App, threads: int = 16) -> Iterator[str]:
+    """Run the app on the embedded server on a free loopback port."""
+    http_server = server.make_server(app, "127.0.0.1", 0, threads)
+    stopping = threading.Event()
+    thread = threading.Thread(
+        target=server.run, args=(http_server, app), kwargs={"stopping": stopping}, daemon=True
+    )
+    thread.start()
+    try:
+        yield server.listen_urls(http_server)[0]
+    finally:
+        stopping.set()
+        thread.join(timeout=15)
+
+
+def write_config(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+@dataclass
+class Envelope:
+    headers: dict[str, Any]
+    items: list[tuple[dict[str, Any], bytes]]
+    raw: bytes
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [
+            json.loads(payload) for header, payload in self.items if header.get("type") == "event"
+        ]
+
+
+def decode_envelope(body: bytes, encoding: str | None) -> Envelope:
+    if encoding == "gzip":
+        body = gzip.decompress(body)
+    elif encoding == "deflate":
+        body = zlib.decompress(body)
+    elif encoding == "br":
+        import brotli  # only if the SDK found it installed
+
+        body = brotli.decompress(body)
+    position = _line_end(body, 0)
+    headers = json.loads(body[:position])
+    items = []
+    position += 1
+    while position < len(body):
+        end = _line_end(body, position)
+        if not body[position:end].strip():
+            position = end + 1
+            continue
+        item_header = json.loads(body[position:end])
+        position = end + 1
+        length = item_header.get("length")
+        end = position + length if length is not None else _line_end(body, position)
+        items.append((item_header, body[position:end]))
+        position = end + 1
+    return Envelope(headers, items, body)
+
+
+def _line_end(data: bytes, start: int) -> int:
+    end = data.find(b"\n", start)
+    return len(data) if end == -1 else end
+
+
+@dataclass
+class Ingest:
+    """A local Sentry ingest endpoint that records every envelope it receives."""
+
+    server: HTTPServer
+    envelopes: list[Envelope] = field(default_factory=list)
+    auth_headers: list[str] = field(default_factory=list)
+    status: int = 200
+    retry_after: str | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"http://public:{DSN_SECRET}@127.0.0.1:{self.server.port}/1"
+
+    def handle(self, request: Request) -> Response:
+        self.auth_headers.append(request.headers.get("X-Sentry-Auth", ""))
+        envelope = decode_envelope(request.get_data(), request.headers.get("Content-Encoding"))
+        self.envelopes.append(envelope)
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        body = json.dumps({"id": envelope.headers.get("event_id")}) if self.status == 200 else "{}"
+        return Response(body, status=self.status, headers=headers, content_type="application/json")
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [event for envelope in self.envelopes for event in envelope.events]
+
+    def wait_for_events(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        tracking.flush()
+        wait_until(lambda: len(self.events) >= count, timeout)
+        return self.events
+
+    def raw_bytes(self) -> bytes:
+        return b"\n".join(e.raw for e in self.envelopes)
