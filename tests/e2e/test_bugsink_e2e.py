@@ -7,9 +7,12 @@ wrong request_id; alerts subject to sampling would never arrive at SENTRY_SAMPLE
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -132,12 +135,10 @@ def test_alert_once_despite_sampling_grouped_into_one_issue_then_recovery(
         call(router, f"alert-b{n}")
 
     def alerts():
-        found = events_where(
-            bugsink, alert_type="repeated_upstream_failures", provider="e2e-alerts"
-        )
-        return found if len(found) == 2 else None
+        return events_where(bugsink, alert_type="repeated_upstream_failures", provider="e2e-alerts")
 
-    two_alerts = poll(alerts)
+    poll(lambda: len(alerts()) == 2)
+    two_alerts = alerts()
     assert len({e["issue"] for e in two_alerts}) == 1  # both alerts grouped into one issue
     sampled_out = [
         e
@@ -183,3 +184,52 @@ def test_test_alert_command_against_bugsink(bugsink):
     assert rejected.returncode == 1
     assert "rejected (HTTP 403)" in rejected.stdout
     assert "refused the DSN's key" in rejected.stdout
+
+
+def doc_blocks(path: Path, info: str) -> list[str]:
+    """The fenced code blocks of a Markdown file whose info string is exactly `info`."""
+    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```", path.read_text(), re.M | re.S)
+
+
+def test_sentry_md_verify_procedure_as_written(bugsink, tmp_path):
+    blocks = doc_blocks(Path(__file__).parents[2] / "SENTRY.md", "bash verify")
+    assert len(blocks) == 2
+    env = {
+        **os.environ,
+        "SENTRY_DSN": bugsink.dsn,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    for block in blocks:
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count('"code": "upstream_connect_error"') == 3  # as SENTRY.md says
+
+    # what SENTRY.md says arrives: the drill ...
+    poll(lambda: events_where(bugsink, test_alert="dsn-check", provider="qwen-test-alert"))
+    poll(
+        lambda: events_where(
+            bugsink,
+            alert_type="repeated_upstream_failures",
+            provider="qwen-test-alert",
+            synthetic="true",
+        )
+    )
+    # ... and the by-hand run: three connect errors, then one alert with count 3
+    [alert] = poll(
+        lambda: events_where(
+            bugsink, alert_type="repeated_upstream_failures", provider="verify-broken"
+        )
+    )
+    assert alert["data"]["contexts"]["alert"]["count"] == 3
+
+    def connect_errors():
+        return events_where(bugsink, provider="verify-broken", error_type="upstream_connect_error")
+
+    poll(lambda: len(connect_errors()) == 3)
