@@ -210,7 +210,6 @@ class App:
         if content_type.startswith("text/event-stream"):
             relay = SseRelay(
                 upstream_response,
-                stream_config.buffer_size,
                 stream_config.heartbeat_interval_secs,
                 on_close=lambda relay_error: self._finish(
                     ctx, Outcome(status, relay_error or error)
@@ -218,7 +217,7 @@ class App:
             )
             return Response(status, relayed, error=error, relay=relay)
         try:
-            data = b"".join(iter_raw(upstream_response, stream_config.buffer_size))
+            data = b"".join(iter_raw(upstream_response))
         finally:
             upstream_response.close()
         relayed.append(("Content-Length", str(len(data))))

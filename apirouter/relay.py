@@ -28,7 +28,6 @@ class SseRelay:
     def __init__(
         self,
         response: httpx.Response,
-        chunk_size: int,
         heartbeat_seconds: float,
         on_close: Callable[[RouterError | None], None],
     ) -> None:
@@ -39,15 +38,13 @@ class SseRelay:
         self._closed = threading.Event()
         self._done = False
         self._error: RouterError | None = None
-        self._reader = threading.Thread(
-            target=self._read, args=(chunk_size,), name="apirouter-sse-reader", daemon=True
-        )
+        self._reader = threading.Thread(target=self._read, name="apirouter-sse-reader", daemon=True)
         self._reader.start()
 
-    def _read(self, chunk_size: int) -> None:
+    def _read(self) -> None:
         item: object = _END
         try:
-            for chunk in iter_raw(self._response, chunk_size):
+            for chunk in iter_raw(self._response):
                 if not self._put(chunk):
                     return
         except RouterError as error:

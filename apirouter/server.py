@@ -55,7 +55,7 @@ def run(
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopping.set())
-    watcher = threading.Thread(target=_watch_config, args=(app, stopping), daemon=True)
+    watcher = threading.Thread(target=watch_config, args=(app, stopping), daemon=True)
     watcher.start()
     socket_map = getattr(server, "map", None) or server._map
     on_ready()
@@ -75,7 +75,7 @@ def run(
         log.info("stopped")
 
 
-def _watch_config(app: App, stopping: threading.Event) -> None:
+def watch_config(app: App, stopping: threading.Event) -> None:
     while not stopping.wait(CONFIG_POLL_SECONDS):
         try:
             app.store.reload_if_changed()

@@ -55,10 +55,14 @@ class Upstream:
         self.client.close()
 
 
-def iter_raw(response: httpx.Response, chunk_size: int) -> Iterator[bytes]:
-    """The response body as the upstream sent it (no decompression), translating failures."""
+def iter_raw(response: httpx.Response) -> Iterator[bytes]:
+    """The response body as the upstream sent it (no decompression), translating failures.
+
+    No chunk size: httpx would then hold bytes back until a chunk is full, delaying SSE
+    events. Each piece is yielded the moment it arrives.
+    """
     try:
-        yield from response.iter_raw(chunk_size)
+        yield from response.iter_raw()
     except httpx.HTTPError as exc:
         raise translate_httpx_error(exc, response.request.url.host) from exc
 

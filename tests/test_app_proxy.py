@@ -248,3 +248,24 @@ def test_query_string_is_forwarded(router, httpserver):
     seen = capture(httpserver)
     httpx.post(router.url + CHAT + "?api-version=2024-01-01", json={"model": "m"})
     assert seen[0].args["api-version"] == "2024-01-01"
+
+
+def test_each_sse_event_is_relayed_before_the_next_one_exists(make_router, httpserver):
+    """No buffering anywhere: the upstream sends its second event only after the client has
+    received the first (a buffering relay would deadlock here and time out)."""
+    router = make_router({"streamConfig": {"heartbeatIntervalSecs": 3600}})
+    first_received = threading.Event()
+
+    def lockstep():
+        yield chat_chunk("one")
+        assert first_received.wait(10)
+        yield b"data: [DONE]\n\n"
+
+    httpserver.expect_request(CHAT).respond_with_response(sse_response(lockstep()))
+    with httpx.stream(
+        "POST", router.url + CHAT, json={"model": "m", "stream": True}, timeout=5
+    ) as response:
+        chunks = response.iter_raw()
+        assert next(chunks) == chat_chunk("one")
+        first_received.set()
+        assert b"".join(chunks) == b"data: [DONE]\n\n"

@@ -344,3 +344,25 @@ def test_test_alert_as_subprocess_never_sends_the_dsn_secret(ingest):
     assert "SUCCESS: the alert was accepted by Sentry." in result.stdout
     assert DSN_SECRET.encode() not in ingest.raw_bytes()
     assert DSN_SECRET not in result.stdout + result.stderr
+
+
+def test_wsgi_module_builds_the_app_from_the_environment(tmp_path):
+    """The same app runs under any WSGI server: here, driven through httpx's WSGI transport."""
+    config = write_config(
+        tmp_path / "p.json", {"name": "wsgi-prov", "baseUrl": "https://x.example/v1"}
+    )
+    script = (
+        "import httpx; from apirouter.wsgi import application as app; "
+        "c = httpx.Client(transport=httpx.WSGITransport(app=app), base_url='http://r'); "
+        "print(c.get('/health').json()['provider'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "API_ROUTER_CONFIG_PATH": str(config)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "wsgi-prov"
