@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--stream-samples", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per config")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
@@ -207,7 +208,7 @@ def main() -> None:
                 "non-streaming, Sentry off": {},
                 "non-streaming, Sentry on": {"SENTRY_DSN": dsn},
             }
-            for _ in range(2):  # alternate, keep each one's best: CPU clocks drift between runs
+            for _ in range(args.rounds):  # alternate, keep the best of each: clocks drift
                 for label, env in runs.items():
                     result = non_streaming(label, config, env, args)
                     best = next((r for r in results if r["run"] == label), None)
@@ -241,7 +242,7 @@ def main() -> None:
         finally:
             upstream.terminate()
             upstream.wait(timeout=10)
-    off, on = results[0], results[1]
+    off, on = (next(r for r in results if r["run"] == label) for label in runs)
     overhead = on["router_cpu_ms_per_request"] / off["router_cpu_ms_per_request"] - 1
     results.append(
         {"run": "Sentry enabled, no failures", "cpu_overhead_percent": round(overhead * 100, 1)}
