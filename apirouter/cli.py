@@ -146,7 +146,9 @@ def check_config(
     ] = False,
     env_file: EnvFile = Path(".env"),
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 3 when there are warnings.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 3 when there are warnings.")
+    ] = False,
 ) -> None:
     """Validate provider configs and the environment, offline (for CI).
 

@@ -50,44 +50,29 @@ def _dsn(value: str) -> str | None:
     return value
 
 
-def _fraction(value: str) -> float:
-    expected = "must be a number from 0.0 to 1.0"
-    number = _parse(float, value, expected)
-    if math.isnan(number) or not 0.0 <= number <= 1.0:
-        raise ValueError(expected)
-    return number
+def _number(
+    kind: Callable[[str], Any], accept: Callable[[Any], bool], expected: str
+) -> Callable[[str], Any]:
+    """A converter: parse with int/float, check the range, explain failures in words."""
+
+    def convert(value: str) -> Any:
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            raise ValueError(expected) from None
+        if not accept(number):
+            raise ValueError(expected)
+        return number
+
+    return convert
 
 
-def _positive_int(value: str) -> int:
-    expected = "must be a whole number of at least 1"
-    number = _parse(int, value, expected)
-    if number < 1:
-        raise ValueError(expected)
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    expected = "must be a whole number of at least 0 (0 = off)"
-    number = _parse(int, value, expected)
-    if number < 0:
-        raise ValueError(expected)
-    return number
-
-
-def _positive_seconds(value: str) -> float:
-    expected = "must be a number of seconds greater than 0"
-    number = _parse(float, value, expected)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(expected)
-    return number
-
-
-def _parse(kind: Callable[[str], Any], value: str, expected: str) -> Any:
-    """int()/float() with a message made for people instead of Python's."""
-    try:
-        return kind(value.strip())
-    except ValueError:
-        raise ValueError(expected) from None
+_fraction = _number(float, lambda n: 0.0 <= n <= 1.0, "must be a number from 0.0 to 1.0")
+_positive_int = _number(int, lambda n: n >= 1, "must be a whole number of at least 1")
+_non_negative_int = _number(int, lambda n: n >= 0, "must be a whole number of at least 0 (0 = off)")
+_positive_seconds = _number(
+    float, lambda n: math.isfinite(n) and n > 0, "must be a number of seconds greater than 0"
+)
 
 
 def _log_format(value: str) -> str:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -149,3 +153,21 @@ class Ingest:
 
     def raw_bytes(self) -> bytes:
         return b"\n".join(e.raw for e in self.envelopes)
+
+
+def doc_blocks(path: Path, info: str) -> list[str]:
+    """The fenced code blocks of a Markdown file whose info string is exactly `info`."""
+    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```", path.read_text(), re.M | re.S)
+
+
+def run_bash(block: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a docs block as written, with this venv's `apirouter` first on PATH."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

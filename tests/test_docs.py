@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import doc_blocks, run_bash
 
 from apirouter.config import load, shipped_providers
 from apirouter.metrics import Metrics
@@ -18,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "SENTRY.md"]
 
 
-def blocks(path: Path, info: str) -> list[str]:
-    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```", path.read_text(), re.M | re.S)
-
-
-OFFLINE_BLOCKS = [(doc.name, block) for doc in DOCS for block in blocks(doc, "bash")]
+OFFLINE_BLOCKS = [(doc.name, block) for doc in DOCS for block in doc_blocks(doc, "bash")]
 
 
 def test_docs_have_offline_command_blocks():
@@ -36,15 +31,7 @@ def test_offline_command_blocks_run_as_written(doc, block, tmp_path):
         for k, v in os.environ.items()
         if not k.startswith(("SENTRY_", "APIROUTER_", "API_ROUTER_", "DEFAULT_API_KEY"))
     }
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", block],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_bash(block, tmp_path, env)
     assert result.returncode == 0, f"{doc}:\n{block}\n{result.stdout}{result.stderr}"
 
 

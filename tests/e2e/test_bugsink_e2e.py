@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bugsink_server import poll
+from support import doc_blocks, run_bash
 from werkzeug import Request, Response
 
 from apirouter.keys import anonymize
@@ -186,28 +186,12 @@ def test_test_alert_command_against_bugsink(bugsink):
     assert "refused the DSN's key" in rejected.stdout
 
 
-def doc_blocks(path: Path, info: str) -> list[str]:
-    """The fenced code blocks of a Markdown file whose info string is exactly `info`."""
-    return re.findall(rf"^```{re.escape(info)}\n(.*?)^```", path.read_text(), re.M | re.S)
-
-
 def test_sentry_md_verify_procedure_as_written(bugsink, tmp_path):
     blocks = doc_blocks(Path(__file__).parents[2] / "SENTRY.md", "bash verify")
     assert len(blocks) == 2
-    env = {
-        **os.environ,
-        "SENTRY_DSN": bugsink.dsn,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = {**os.environ, "SENTRY_DSN": bugsink.dsn}
     for block in blocks:
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_bash(block, tmp_path, env)
         assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count('"code": "upstream_connect_error"') == 3  # as SENTRY.md says
 
