@@ -58,7 +58,10 @@ def upstream_headers(
     ``upstream_key`` is the key chosen by precedence (client's, else DEFAULT_API_KEY); a
     key header set in the config wins over it. ``client_headers`` has lowercase names.
     """
-    merged = {k: v for k, v in client_headers.items() if k not in _DROPPED_REQUEST_HEADERS}
+    # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too
+    named = {token.strip().lower() for token in client_headers.get("connection", "").split(",")}
+    dropped = _DROPPED_REQUEST_HEADERS | named
+    merged = {k: v for k, v in client_headers.items() if k not in dropped}
     merged.setdefault("accept-encoding", "identity")
     for name, value in (*config.headers.items(), *endpoint.headers.items()):
         merged[name.lower()] = value

@@ -269,3 +269,34 @@ def test_each_sse_event_is_relayed_before_the_next_one_exists(make_router, https
         assert next(chunks) == chat_chunk("one")
         first_received.set()
         assert b"".join(chunks) == b"data: [DONE]\n\n"
+
+
+def test_tls_failure_gives_502(make_router, httpserver):
+    # https:// to a plain-http server: the TLS handshake fails
+    router = make_router({"baseUrl": f"https://127.0.0.1:{httpserver.port}/v1"})
+    response = post(router, {"model": "m"})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_tls_error"
+
+
+def test_truncated_upstream_response_gives_502(make_router):
+    """An upstream that promises 100 bytes, sends 3 and hangs up."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"a'
+            )
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    router = make_router({"baseUrl": f"http://127.0.0.1:{listener.getsockname()[1]}/v1"})
+    response = post(router, {"model": "m"})
+    thread.join(5)
+    listener.close()
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_protocol_error"

@@ -47,3 +47,32 @@ def test_client_key_sources():
     assert client_key({"x-api-key": "xyz"}) == "xyz"
     assert client_key({"authorization": "Basic Zm9v"}) is None
     assert client_key({}) is None
+
+
+def test_hop_by_hop_headers_are_never_forwarded():
+    from apirouter.config import load
+    from apirouter.forward import upstream_headers
+
+    config = load("openai")
+    headers = upstream_headers(
+        {
+            "connection": "keep-alive, X-Hop",
+            "x-hop": "1",
+            "keep-alive": "timeout=5",
+            "transfer-encoding": "chunked",
+            "te": "trailers",
+            "upgrade": "h2c",
+            "host": "router",
+            "x-end-to-end": "kept",
+        },
+        config,
+        config.endpoints["/v1/chat/completions"],
+        "sk-k",
+        "rid",
+    )
+    assert headers == {
+        "x-end-to-end": "kept",
+        "accept-encoding": "identity",
+        "authorization": "Bearer sk-k",
+        "x-request-id": "rid",
+    }
