@@ -146,7 +146,8 @@ class App:
         allowed = endpoint.method if endpoint else _LOCAL_ROUTES.get(ctx.route)
         if allowed is None:
             raise errors.NotFound(
-                f"Unknown path {environ.get('PATH_INFO', '/')!r}: see the README for the endpoints."
+                f"Unknown path {environ.get('PATH_INFO', '/')[:200]!r}: "
+                "see the README for the endpoints."
             )
         if ctx.method != allowed:
             raise errors.MethodNotAllowed(
