@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -283,13 +285,25 @@ def test_python_dash_m_and_exit_codes_as_subprocess(tmp_path):
     assert "Traceback" not in unknown.stderr + bad.stderr
 
 
-def test_serve_starts_answers_and_stops_gracefully_on_sigterm(tmp_path):
+@contextmanager
+def serving_process(*args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """`apirouter serve ARGS` as a subprocess; killed afterwards if a test left it running."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "apirouter", "serve", "generic", "--port", "0"],
+        [sys.executable, "-m", "apirouter", "serve", *args],
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_starts_answers_and_stops_gracefully_on_sigterm():
+    with serving_process("generic", "--port", "0") as process:
         banner = process.stderr.readline()
         assert banner.startswith(f"apirouter {__version__} listening on http://127.0.0.1:")
         url = banner.split("listening on ")[1].strip()
@@ -300,10 +314,6 @@ def test_serve_starts_answers_and_stops_gracefully_on_sigterm(tmp_path):
         assert health["provider"] == "generic"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_serve_refuses_a_busy_port(tmp_path):
@@ -318,24 +328,13 @@ def test_serve_refuses_a_busy_port(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_serve_with_a_dsn_says_so_with_the_secret_masked(tmp_path, ingest):
-    env = {**os.environ, "SENTRY_DSN": ingest.dsn}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "apirouter", "serve", "--port", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
+def test_serve_with_a_dsn_says_so_with_the_secret_masked(ingest):
+    with serving_process("--port", "0", env={**os.environ, "SENTRY_DSN": ingest.dsn}) as process:
         lines = [process.stderr.readline() for _ in range(3)]
         assert f"sentry   on: http://***@127.0.0.1:{ingest.server.port}/1" in lines[2]
         assert DSN_SECRET not in "".join(lines)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_test_alert_as_subprocess_never_sends_the_dsn_secret(ingest):

@@ -207,18 +207,6 @@ class BugsinkServer:
         return found
 
 
-def poll(fetch, timeout: float = 20.0):
-    """Poll until fetch() returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"nothing arrived in Bugsink within {timeout}s")
-        time.sleep(0.1)
-
-
 def main() -> None:
     command, directory = sys.argv[1], Path(sys.argv[2]).resolve()
     if command == "start":

@@ -15,13 +15,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from bugsink_server import poll
-from support import doc_blocks, run_bash
+from support import doc_blocks, run_bash, wait_until
 from werkzeug import Request, Response
 
 from apirouter.keys import anonymize
 
 pytestmark = pytest.mark.e2e
+
+
+def poll(fetch, timeout: float = 20.0):
+    """Poll Bugsink's API until fetch() returns something truthy (events are sent async)."""
+    return wait_until(fetch, timeout=timeout, interval=0.1)
+
 
 CLIENT_KEY = "sk-e2e-client-SECRET-abcdefghijklmnopqrstuvwxyz"
 DEFAULT_KEY = "sk-e2e-default-SECRET-zyxwvutsrqponmlkjihgfedcba"
