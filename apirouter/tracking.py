@@ -131,9 +131,10 @@ def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str
                 "error": error.message,
             },
         )
-        scope.fingerprint = [error.error_type, ctx.provider, ctx.route]
         if isinstance(error, InternalError) and error.__cause__ is not None:
+            # a bug: Sentry's own stack-trace grouping keeps different bugs apart
             return sentry_sdk.capture_exception(error.__cause__)
+        scope.fingerprint = [error.error_type, ctx.provider, ctx.route]
         return sentry_sdk.capture_event(
             {
                 "level": error.sentry_level,

@@ -133,6 +133,7 @@ def test_unhandled_exception_is_captured_with_its_traceback(sentry, tmp_path, in
     assert_request_tags(
         event, request_id="req-bug", error_type="internal_error", status=500, provider="generic"
     )
+    assert "fingerprint" not in event  # grouped by stack trace: different bugs stay apart
     exception = event["exception"]["values"][-1]
     assert exception["type"] == "ZeroDivisionError"
     frames = exception["stacktrace"]["frames"]
