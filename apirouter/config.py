@@ -20,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -111,7 +112,7 @@ class ProviderConfig:
     port: int
     key_header: str
 
-    @property
+    @cached_property  # read on every request: parse the URL once
     def upstream_host(self) -> str:
         return urlsplit(self.base_url).hostname or ""
 
@@ -497,10 +498,6 @@ class ConfigStore:
     @property
     def current(self) -> ProviderConfig:
         return self._config
-
-    @property
-    def path(self) -> Path | None:
-        return self._path
 
     def _file_signature(self) -> tuple[int, int] | None:
         if self._path is None:

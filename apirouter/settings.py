@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +259,8 @@ class Settings:
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:
-        """Default settings with some values replaced (used by tests and test-alert)."""
-        settings = cls.from_env({})
-        return cls(**{**{f.name: getattr(settings, f.name) for f in fields(cls)}, **overrides})
+        """Default settings with some values replaced (used by tests)."""
+        return replace(cls.from_env({}), **overrides)
 
 
 def _shown(variable: Variable, raw: str) -> str:
