@@ -171,3 +171,28 @@ def run_bash(block: str, cwd: Path, env: dict[str, str]) -> subprocess.Completed
         text=True,
         timeout=120,
     )
+
+
+class FakeClock:
+    """An injected clock that tests move by hand, so windows and throttles never sleep."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_concurrently(work: Callable[[], None], threads: int) -> None:
+    """Run `work` on `threads` threads released at the same instant; wait for all."""
+    barrier = threading.Barrier(threads)
+
+    def start_together() -> None:
+        barrier.wait()
+        work()
+
+    pool = [threading.Thread(target=start_together) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()

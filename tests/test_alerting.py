@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import threading
+from support import FakeClock, run_concurrently
 
 from apirouter.alerting import REPEATED_FAILURES, Failure, FailureTracker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fail(tracker, provider="p", n=1, request_id="r"):
@@ -23,7 +15,9 @@ def fail(tracker, provider="p", n=1, request_id="r"):
 
 
 def test_alert_exactly_at_threshold_with_the_real_facts():
-    tracker = FailureTracker(threshold=3, window_seconds=60, throttle_seconds=30, clock=Clock())
+    tracker = FailureTracker(
+        threshold=3, window_seconds=60, throttle_seconds=30, clock=FakeClock(1000.0)
+    )
     results = fail(tracker, n=3)
     assert results[:2] == [None, None]
     alert = results[2]
@@ -34,7 +28,7 @@ def test_alert_exactly_at_threshold_with_the_real_facts():
 
 
 def test_failures_outside_the_window_expire():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tracker = FailureTracker(threshold=3, window_seconds=60, throttle_seconds=1, clock=clock)
     fail(tracker, n=2)
     clock.now += 61
@@ -43,7 +37,7 @@ def test_failures_outside_the_window_expire():
 
 
 def test_throttle_allows_one_alert_per_period():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     tracker = FailureTracker(threshold=2, window_seconds=300, throttle_seconds=60, clock=clock)
     assert fail(tracker, n=2)[1] is not None
     assert all(a is None for a in fail(tracker, n=10))
@@ -55,7 +49,9 @@ def test_throttle_allows_one_alert_per_period():
 
 
 def test_recovery_once_after_an_alert():
-    tracker = FailureTracker(threshold=2, window_seconds=300, throttle_seconds=0.001, clock=Clock())
+    tracker = FailureTracker(
+        threshold=2, window_seconds=300, throttle_seconds=0.001, clock=FakeClock(1000.0)
+    )
     assert tracker.record_success("p") is None  # no alert, nothing to recover from
     fail(tracker, n=2)
     fail(tracker, n=3)
@@ -66,7 +62,9 @@ def test_recovery_once_after_an_alert():
 
 
 def test_providers_are_independent():
-    tracker = FailureTracker(threshold=2, window_seconds=300, throttle_seconds=60, clock=Clock())
+    tracker = FailureTracker(
+        threshold=2, window_seconds=300, throttle_seconds=60, clock=FakeClock(1000.0)
+    )
     fail(tracker, "a")
     fail(tracker, "b")
     assert fail(tracker, "a")[0].provider == "a"
@@ -76,17 +74,9 @@ def test_providers_are_independent():
 
 
 def test_many_threads_failing_at_once_raise_exactly_one_alert():
-    tracker = FailureTracker(threshold=5, window_seconds=300, throttle_seconds=60, clock=Clock())
+    tracker = FailureTracker(
+        threshold=5, window_seconds=300, throttle_seconds=60, clock=FakeClock(1000.0)
+    )
     alerts = []
-    barrier = threading.Barrier(16)
-
-    def worker():
-        barrier.wait()
-        alerts.extend(a for a in fail(tracker, n=50) if a is not None)
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(lambda: alerts.extend(a for a in fail(tracker, n=50) if a is not None), 16)
     assert len(alerts) == 1

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import threading
+from support import FakeClock, run_concurrently
 
 from apirouter.config import RateLimit
 from apirouter.ratelimit import RateLimiter
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_burst_then_refill_at_rpm_over_60():
-    clock = Clock()
+    clock = FakeClock()
     limiter = RateLimiter(clock)
     limit = RateLimit(requests_per_minute=30, burst=2)
     key = ("/r", "k")
@@ -29,7 +21,7 @@ def test_burst_then_refill_at_rpm_over_60():
 
 
 def test_idle_buckets_are_evicted_and_memory_is_capped():
-    clock = Clock()
+    clock = FakeClock()
     limiter = RateLimiter(clock, max_buckets=100)
     limit = RateLimit(requests_per_minute=60, burst=1)
     for n in range(50):
@@ -44,27 +36,21 @@ def test_idle_buckets_are_evicted_and_memory_is_capped():
 
 
 def test_a_single_key_is_never_evicted_by_itself():
-    limiter = RateLimiter(Clock())
+    limiter = RateLimiter(FakeClock())
     limit = RateLimit(requests_per_minute=1, burst=1)
     assert limiter.acquire(("/r", "only"), limit) is None
     assert limiter.acquire(("/r", "only"), limit) == 60
 
 
 def test_concurrent_acquires_never_overspend():
-    limiter = RateLimiter(Clock())
+    limiter = RateLimiter(FakeClock())
     limit = RateLimit(requests_per_minute=1, burst=50)
     allowed = []
-    barrier = threading.Barrier(20)
 
     def worker():
-        barrier.wait()
         for _ in range(10):
             if limiter.acquire(("/r", "k"), limit) is None:
                 allowed.append(1)
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_concurrently(worker, 20)
     assert len(allowed) == 50
