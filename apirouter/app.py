@@ -1,53 +1,44 @@
-"""The WSGI application: route table, request parsing, responses, and ``finish``.
+"""The WSGI application: the route table, the proxy's steps, and the responses.
 
-Every request ends in exactly one ``finish(ctx, outcome)``, which records the outcome once
-for metrics, the access log, Sentry and the failure tracker. Plain responses finish before
-they are returned; streamed ones finish when the server closes the relay.
+Every request ends in exactly one ``Reporter.finish(ctx, outcome)``. Plain responses
+finish before they are returned; streamed ones finish when the server closes the relay.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
-import logging
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from apirouter import __version__, errors, forward, tracking
-from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
+import httpx
+
+from apirouter import __version__, errors, forward, inbound
 from apirouter.config import (
-    HOP_BY_HOP,
-    ConfigInvalid,
     ConfigStore,
     Endpoint,
     ProviderConfig,
     RateLimit,
     load,
-    log_reload,
     shipped_providers,
 )
 from apirouter.context import Outcome, RequestContext
+from apirouter.headers import relayed_response_headers
+from apirouter.inbound import JSON, Inbound
 from apirouter.keys import ANONYMOUS, anonymize
-from apirouter.logs import access_log, alert_log
 from apirouter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from apirouter.metrics import Metrics
 from apirouter.ratelimit import RateLimiter
 from apirouter.relay import SseRelay
+from apirouter.report import Reporter
 from apirouter.settings import Settings
 from apirouter.upstream import Upstream, iter_raw
 
-log = logging.getLogger("apirouter.app")
-
 StartResponse = Callable[..., Any]
-JSON = "application/json"
-_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_NOT_RELAYED = HOP_BY_HOP | {"set-cookie", "content-length", "x-request-id"}
 _LOCAL_ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET"}
 
 
@@ -74,29 +65,23 @@ class App:
 
     def __init__(
         self,
-        store: ConfigStore,
+        config: ProviderConfig,
         settings: Settings,
         *,
+        config_path: Path | None = None,
         upstream: Upstream | None = None,
         tracking_enabled: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.store = store
         self.settings = settings
-        self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
-        self.tracking_enabled = tracking_enabled
         self.clock = clock
         self.started = clock()
-        self.metrics = Metrics()
+        self.reporter = Reporter(settings, tracking_enabled=tracking_enabled, clock=clock)
+        self.store = ConfigStore(config, config_path, on_reload=self.reporter.config_reloaded)
+        self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
         self.limiter = RateLimiter(clock=clock)
-        self.tracker = FailureTracker(
-            settings.alert_threshold,
-            settings.alert_window_seconds,
-            settings.alert_throttle_seconds,
-            clock=clock,
-        )
+        self.metrics = self.reporter.metrics
         self.metrics.track_bucket_count(lambda: len(self.limiter))
-        store.on_reload = self._config_reloaded
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 
     # --- WSGI entry point ------------------------------------------------------------------
@@ -105,57 +90,54 @@ class App:
         config = self.store.current
         path = environ.get("PATH_INFO") or "/"
         endpoint = config.endpoints.get(path)
-        route = path if (endpoint or path in _LOCAL_ROUTES) else "other"
-        headers = _client_headers(environ)
-        key = forward.client_key(headers)
+        request = inbound.parse(
+            environ, route=path if (endpoint or path in _LOCAL_ROUTES) else "other"
+        )
         ctx = RequestContext(
-            request_id=_request_id(headers.get("x-request-id")),
-            method=environ.get("REQUEST_METHOD", "GET"),
-            route=route,
+            request_id=request.request_id,
+            method=request.method,
+            route=request.route,
             provider=config.name,
-            key_label=anonymize(key),
+            key_label=anonymize(request.key),
             start=self.clock(),
         )
-        self.metrics.in_flight.inc()
+        self.reporter.begin()
         try:
-            response = self._dispatch(environ, ctx, config, endpoint, headers, key)
+            response = self._dispatch(request, ctx, config, endpoint)
         except errors.RouterError as error:
             response = error_response(error)
         except Exception as exc:  # never a traceback to the client; reported once in finish
-            error = errors.InternalError(
+            internal = errors.InternalError(
                 f"Internal error while handling the request ({ctx.request_id})."
             )
-            error.__cause__ = exc
-            response = error_response(error)
+            internal.__cause__ = exc
+            response = error_response(internal)
         response.headers.append(("X-Request-ID", ctx.request_id))
         start_response(_status_line(response.status), response.headers)
         if response.relay is not None:
             return response.relay
-        self._finish(ctx, Outcome(response.status, response.error))
+        self.reporter.finish(ctx, Outcome(response.status, response.error))
         return [response.body]
 
     def _dispatch(
         self,
-        environ: dict[str, Any],
+        request: Inbound,
         ctx: RequestContext,
         config: ProviderConfig,
         endpoint: Endpoint | None,
-        headers: dict[str, str],
-        key: str | None,
     ) -> Response:
-        allowed = endpoint.method if endpoint else _LOCAL_ROUTES.get(ctx.route)
+        allowed = endpoint.method if endpoint else _LOCAL_ROUTES.get(request.route)
         if allowed is None:
             raise errors.NotFound(
-                f"Unknown path {environ.get('PATH_INFO', '/')[:200]!r}: "
-                "see the README for the endpoints."
+                f"Unknown path {request.path[:200]!r}: see the README for the endpoints."
             )
-        if ctx.method != allowed:
+        if request.method != allowed:
             raise errors.MethodNotAllowed(
-                f"Method {ctx.method} is not allowed here; use {allowed}.", [allowed]
+                f"Method {request.method} is not allowed here; use {allowed}.", [allowed]
             )
         if endpoint is None:
-            return self._local(ctx.route, config)
-        return self._proxy(environ, ctx, config, endpoint, headers, key)
+            return self._local(request.route, config)
+        return self._proxy(request, ctx, config, endpoint)
 
     # --- local endpoints -------------------------------------------------------------------
 
@@ -164,65 +146,35 @@ class App:
             return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], self.metrics.render())
         if route == "/v1/models":
             return json_response({"object": "list", "data": _models(config)})
-        return json_response(
-            {
-                "status": "ok",
-                "version": __version__,
-                "provider": config.name,
-                "upstream": config.base_url,
-                "uptime_seconds": round(self.clock() - self.started, 3),
-                "sentry_enabled": self.tracking_enabled,
-                "rate_limiter": {"buckets": len(self.limiter)},
-            }
-        )
+        return json_response(self._health(config))
+
+    def _health(self, config: ProviderConfig) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "provider": config.name,
+            "upstream": config.base_url,
+            "uptime_seconds": round(self.clock() - self.started, 3),
+            "sentry_enabled": self.reporter.tracking_enabled,
+            "rate_limiter": {"buckets": len(self.limiter)},
+        }
 
     # --- the proxy -------------------------------------------------------------------------
 
     def _proxy(
-        self,
-        environ: dict[str, Any],
-        ctx: RequestContext,
-        config: ProviderConfig,
-        endpoint: Endpoint,
-        headers: dict[str, str],
-        key: str | None,
+        self, request: Inbound, ctx: RequestContext, config: ProviderConfig, endpoint: Endpoint
     ) -> Response:
-        upstream_key = self._authorize(key)
-        self._rate_limit(ctx, config, endpoint)
-        body = self._read_body(environ, headers, endpoint, config)
+        upstream_key = self._authorize(request.key)
+        self._rate_limit(ctx, endpoint)
+        body = request.read_body(endpoint, config.model_mapping, self.settings.max_body_bytes)
         if body.stream and not endpoint.stream_support:
             raise errors.BadRequest(f"Streaming is not supported on {endpoint.local_path}.")
-        url = forward.upstream_url(config, endpoint, environ.get("QUERY_STRING", ""))
-        ctx.upstream_url = url.partition("?")[0]
-        ctx.upstream_host = config.upstream_host
-        outgoing = forward.upstream_headers(headers, config, endpoint, upstream_key, ctx.request_id)
-        sent_at = self.clock()
-        upstream_response = self.upstream.send(endpoint.method, url, outgoing, body.data)
-        ctx.upstream_seconds = self.clock() - sent_at
-        ctx.upstream_status = status = upstream_response.status_code
-        error = None
-        if status >= 500:
-            error = errors.UpstreamServerError(
-                f"The upstream {ctx.upstream_host} answered HTTP {status}.", status
-            )
-        relayed = _relayed_headers(upstream_response.headers.raw)
-        stream_config = endpoint.stream_config or config.stream_config
-        content_type = upstream_response.headers.get("content-type", "")
-        if content_type.startswith("text/event-stream"):
-            relay = SseRelay(
-                upstream_response,
-                stream_config.heartbeat_interval_secs,
-                on_close=lambda relay_error: self._finish(
-                    ctx, Outcome(status, relay_error or error)
-                ),
-            )
-            return Response(status, relayed, error=error, relay=relay)
-        try:
-            data = b"".join(iter_raw(upstream_response))
-        finally:
-            upstream_response.close()
-        relayed.append(("Content-Length", str(len(data))))
-        return Response(status, relayed, data, error)
+        url = forward.upstream_url(config, endpoint, request.query)
+        headers = forward.upstream_headers(
+            request.headers, config, endpoint, upstream_key, ctx.request_id
+        )
+        upstream_response = self._send(ctx, config, endpoint.method, url, headers, body.data)
+        return self._respond(ctx, endpoint, upstream_response)
 
     def _authorize(self, key: str | None) -> str | None:
         """Check the inbound key if client keys are configured; return the upstream key.
@@ -239,8 +191,8 @@ class App:
             )
         return self.settings.default_api_key
 
-    def _rate_limit(self, ctx: RequestContext, config: ProviderConfig, endpoint: Endpoint) -> None:
-        limit = endpoint.rate_limit or config.rate_limit
+    def _rate_limit(self, ctx: RequestContext, endpoint: Endpoint) -> None:
+        limit = endpoint.rate_limit
         if limit is None and self.settings.rate_limit_rpm > 0:
             limit = RateLimit(self.settings.rate_limit_rpm, self.settings.rate_limit_burst)
         if limit is None:
@@ -254,204 +206,63 @@ class App:
                 wait,
             )
 
-    def _read_body(
+    def _send(
         self,
-        environ: dict[str, Any],
-        headers: dict[str, str],
-        endpoint: Endpoint,
+        ctx: RequestContext,
         config: ProviderConfig,
-    ) -> forward.Body:
-        if endpoint.method in ("GET", "DELETE"):
-            return forward.Body(b"", None, False)
-        content_type = headers.get("content-type", "")
-        media_type = content_type.partition(";")[0].strip().lower()
-        if endpoint.requires_multipart:
-            if media_type != "multipart/form-data":
-                raise errors.UnsupportedMediaType(
-                    f"{endpoint.local_path} expects Content-Type multipart/form-data, "
-                    f"got {media_type or 'none'}."
-                )
-            return forward.multipart_body(self._read(environ), content_type, config.model_mapping)
-        if media_type != JSON and not media_type.endswith("+json"):
-            raise errors.UnsupportedMediaType(
-                f"{endpoint.local_path} expects Content-Type application/json, "
-                f"got {media_type or 'none'}."
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> httpx.Response:
+        ctx.upstream_url = url.partition("?")[0]
+        ctx.upstream_host = config.upstream_host
+        sent_at = self.clock()
+        upstream_response = self.upstream.send(method, url, headers, body)
+        ctx.upstream_seconds = self.clock() - sent_at
+        ctx.upstream_status = upstream_response.status_code
+        return upstream_response
+
+    def _respond(
+        self, ctx: RequestContext, endpoint: Endpoint, upstream_response: httpx.Response
+    ) -> Response:
+        """Relay the upstream's answer: SSE as it arrives, anything else whole."""
+        status = upstream_response.status_code
+        error = None
+        if status >= 500:
+            error = errors.UpstreamServerError(
+                f"The upstream {ctx.upstream_host} answered HTTP {status}.", status
             )
-        return forward.json_body(self._read(environ), config.model_mapping)
-
-    def _read(self, environ: dict[str, Any]) -> bytes:
-        """Read the body, refusing an oversized one before reading it."""
-        limit = self.settings.max_body_bytes
-        declared = environ.get("CONTENT_LENGTH") or ""
-        stream = environ["wsgi.input"]
-        if not declared:
-            data = stream.read(limit + 1) if environ.get("wsgi.input_terminated") else b""
-        elif not declared.isdigit():
-            raise errors.BadRequest(f"Invalid Content-Length header {declared[:32]!r}.")
-        elif int(declared) > limit:
-            raise errors.PayloadTooLarge(
-                f"Request body of {declared} bytes exceeds the limit of {limit} bytes."
+        relayed = relayed_response_headers(upstream_response.headers.raw)
+        content_type = upstream_response.headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            relay = SseRelay(
+                upstream_response,
+                endpoint.stream_config.heartbeat_interval_secs,
+                on_close=functools.partial(self._finish_stream, ctx, status, error),
             )
-        else:
-            data = stream.read(int(declared))
-        if len(data) > limit:
-            raise errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        return data
-
-    # --- finish: the one place an outcome is recorded ---------------------------------------
-
-    def _finish(self, ctx: RequestContext, outcome: Outcome) -> None:
+            return Response(status, relayed, error=error, relay=relay)
         try:
-            self._record(ctx, outcome)
-        except Exception:  # reporting must never break serving
-            log.exception("failed to record the outcome of request %s", ctx.request_id)
+            data = b"".join(iter_raw(upstream_response))
+        finally:
+            upstream_response.close()
+        relayed.append(("Content-Length", str(len(data))))
+        return Response(status, relayed, data, error)
 
-    def _record(self, ctx: RequestContext, outcome: Outcome) -> None:
-        elapsed = self.clock() - ctx.start
-        error = outcome.error
-        metrics = self.metrics
-        metrics.in_flight.dec()
-        metrics.requests.labels(
-            ctx.route, metrics.method_label(ctx.method), str(outcome.status)
-        ).inc()
-        metrics.request_duration.labels(ctx.route).observe(elapsed)
-        if ctx.upstream_seconds is not None:
-            metrics.upstream_duration.labels(ctx.provider).observe(ctx.upstream_seconds)
-        reported = False
-        if error is not None:
-            if error.upstream_failure:
-                metrics.upstream_errors.labels(ctx.provider, error.error_type).inc()
-            elif isinstance(error, errors.ClientDisconnected):
-                metrics.client_disconnects.labels(ctx.route).inc()
-            if self.tracking_enabled and self._reportable(error):
-                tracking.capture_failure(ctx, error, outcome.status)
-                reported = True
-        self._log_access(ctx, outcome, elapsed, reported)
-        if error is not None and error.upstream_failure:
-            failure = Failure(error.error_type, outcome.status, ctx.request_id)
-            alert = self.tracker.record_failure(ctx.provider, failure)
-            if alert is not None:
-                self._emit(alert)
-        elif ctx.upstream_status is not None:
-            recovery = self.tracker.record_success(ctx.provider)
-            if recovery is not None:
-                self._emit(recovery)
-
-    def _reportable(self, error: errors.RouterError) -> bool:
-        if isinstance(error, errors.ClientError):
-            return self.settings.sentry_client_errors
-        return error.reported
-
-    def _log_access(
-        self, ctx: RequestContext, outcome: Outcome, elapsed: float, reported: bool
+    def _finish_stream(
+        self,
+        ctx: RequestContext,
+        status: int,
+        error: errors.RouterError | None,
+        relay_error: errors.RouterError | None,
     ) -> None:
-        error = outcome.error
-        level = logging.INFO
-        if error is not None and error.reported:
-            level = logging.ERROR
-        elif error is not None and not isinstance(error, errors.ClientDisconnected):
-            level = logging.WARNING
-        fields = {
-            "request_id": ctx.request_id,
-            "method": ctx.method,
-            "route": ctx.route,
-            "status": outcome.status,
-            "latency_ms": round(elapsed * 1000, 1),
-            "provider": ctx.provider,
-            "upstream_ms": None
-            if ctx.upstream_seconds is None
-            else round(ctx.upstream_seconds * 1000, 1),
-            "client_key": ctx.key_label,
-            "error_type": error.error_type if error else None,
-        }
-        message = error.message if error is not None else "request"
-        extra = {"fields": fields, **(tracking.REPORTED if reported else {})}
-        access_log.log(
-            level,
-            message,
-            extra=extra,
-            exc_info=error.__cause__ if isinstance(error, errors.InternalError) else None,
-        )
-
-    def _emit(self, event: Alert | Recovery) -> None:
-        """An alert goes out three ways, once each: log line, metric, Sentry event."""
-        self.metrics.alerts.labels(event.provider, event.alert_type).inc()
-        reported = {}
-        if self.tracking_enabled:
-            capture = (
-                tracking.capture_alert if isinstance(event, Alert) else tracking.capture_recovery
-            )
-            capture(event)  # type: ignore[arg-type]
-            reported = tracking.REPORTED
-        if isinstance(event, Alert):
-            alert_log.error(
-                "repeated upstream failures",
-                extra={
-                    "fields": {
-                        "alert_type": event.alert_type,
-                        "provider": event.provider,
-                        "count": event.count,
-                        "window_seconds": event.window_seconds,
-                        "threshold": event.threshold,
-                        "last_error_type": event.last_error_type,
-                        "last_status": event.last_status,
-                        "sample_request_ids": ",".join(event.sample_request_ids),
-                    },
-                    **reported,
-                },
-            )
-        else:
-            alert_log.warning(
-                "upstream recovered",
-                extra={
-                    "fields": {
-                        "alert_type": event.alert_type,
-                        "provider": event.provider,
-                        "failures_since_alert": event.failures_since_alert,
-                    }
-                },
-            )
-
-    def _config_reloaded(self, problem: ConfigInvalid | None) -> None:
-        self.metrics.config_reloads.labels("failure" if problem else "success").inc()
-        reported = False
-        if problem is not None and self.tracking_enabled:
-            reported = tracking.capture_config_error(problem, self.store.current.name) is not None
-        log_reload(problem, extra=tracking.REPORTED if reported else None)
+        self.reporter.finish(ctx, Outcome(status, relay_error or error))
 
     def close(self) -> None:
         self.upstream.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _client_headers(environ: dict[str, Any]) -> dict[str, str]:
-    headers = {
-        key[5:].replace("_", "-").lower(): value
-        for key, value in environ.items()
-        if key.startswith("HTTP_")
-    }
-    if environ.get("CONTENT_TYPE"):
-        headers["content-type"] = environ["CONTENT_TYPE"]
-    return headers
-
-
-def _request_id(supplied: str | None) -> str:
-    if supplied and _SANE_REQUEST_ID.match(supplied):
-        return supplied
-    return uuid.uuid4().hex
-
-
-def _relayed_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    relayed = []
-    for name, value in raw:
-        lowered = name.decode("latin-1").lower()
-        if lowered == "x-request-id":
-            relayed.append(("X-Upstream-Request-ID", value.decode("latin-1")))
-        elif lowered not in _NOT_RELAYED:
-            relayed.append((name.decode("latin-1"), value.decode("latin-1")))
-    return relayed
 
 
 def _models(config: ProviderConfig) -> list[dict[str, Any]]:
@@ -473,4 +284,4 @@ def build(settings: Settings, target: str | None, *, tracking_enabled: bool = Fa
     target = target or settings.config_path
     config = load(target)
     path = Path(target) if target and target not in shipped_providers() else None
-    return App(ConfigStore(config, path), settings, tracking_enabled=tracking_enabled)
+    return App(config, settings, config_path=path, tracking_enabled=tracking_enabled)

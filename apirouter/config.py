@@ -27,27 +27,12 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from apirouter.headers import HOP_BY_HOP, KEY_HEADERS, SET_BY_CLIENT_LIBRARY
+
 log = logging.getLogger("apirouter.config")
 
 DEFAULT_PROVIDER = "qwen"
 DEFAULT_PORT = 8000
-HOP_BY_HOP = frozenset(
-    (
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-        "host",
-        "content-length",
-    )
-)
-KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -83,21 +68,22 @@ class RateLimit:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    buffer_size: int = 8192
     heartbeat_interval_secs: float = 30.0
 
 
 @dataclass(frozen=True)
 class Endpoint:
+    """One route. Provider-level fallbacks are settled at parse time, so every field is final."""
+
     local_path: str
     upstream_path: str
     method: str = "POST"
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_support: bool = True
     requires_multipart: bool = False
-    rate_limit: RateLimit | None = None
-    stream_config: StreamConfig | None = None
-    key_header: str | None = None
+    rate_limit: RateLimit | None = None  # None: the environment's default applies
+    stream_config: StreamConfig = StreamConfig()
+    key_header: str = "authorization"
 
 
 @dataclass(frozen=True)
@@ -106,11 +92,8 @@ class ProviderConfig:
     base_url: str
     headers: Mapping[str, str]
     model_mapping: Mapping[str, str]
-    endpoints: Mapping[str, Endpoint]
-    rate_limit: RateLimit | None
-    stream_config: StreamConfig
+    endpoints: Mapping[str, Endpoint]  # provider-level settings already folded in
     port: int
-    key_header: str
 
     @cached_property  # read on every request: parse the URL once
     def upstream_host(self) -> str:
@@ -311,6 +294,10 @@ def _headers(value: Any, path: str, problems: Problems) -> Mapping[str, str] | N
             problems.append(Problem(where, "is not a valid header name"))
         elif name.lower() in HOP_BY_HOP:
             problems.append(Problem(where, "is a hop-by-hop header and cannot be configured"))
+        elif name.lower() in SET_BY_CLIENT_LIBRARY:
+            problems.append(
+                Problem(where, "is set for each upstream request and cannot be configured")
+            )
         elif not isinstance(header_value, str):
             problems.append(Problem(where, f"value must be a string, not {_kind(header_value)}"))
         elif any(c in header_value for c in "\r\n\0"):
@@ -385,7 +372,9 @@ def _stream_config(value: Any, path: str, problems: Problems) -> StreamConfig | 
     parsed = _object(value, path, problems, fields)
     if parsed is None or None in parsed.values():
         return None
-    return StreamConfig(parsed.get("bufferSize", 8192), parsed.get("heartbeatIntervalSecs", 30.0))
+    # bufferSize is accepted so the older router's configs load; chunks are relayed as
+    # they arrive, so there is no buffer to size.
+    return StreamConfig(parsed.get("heartbeatIntervalSecs", 30.0))
 
 
 _ENDPOINT_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
@@ -445,8 +434,13 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
     if problems:
         return None
     stream_config = parsed.get("streamConfig") or StreamConfig()
+    provider_defaults = {
+        "rateLimit": parsed.get("rateLimit"),
+        "streamConfig": stream_config,
+        "keyHeader": parsed.get("keyHeader", "authorization"),
+    }
     endpoints = {
-        local: _endpoint(local, spec, stream_config)
+        local: _endpoint(local, spec, provider_defaults)
         for local, spec in {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}.items()
     }
     return ProviderConfig(
@@ -455,10 +449,7 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
         headers=parsed.get("headers", MappingProxyType({})),
         model_mapping=parsed.get("modelMapping", MappingProxyType({})),
         endpoints=MappingProxyType(endpoints),
-        rate_limit=parsed.get("rateLimit"),
-        stream_config=stream_config,
         port=parsed.get("port", DEFAULT_PORT),
-        key_header=parsed.get("keyHeader", "authorization"),
     )
 
 
@@ -467,7 +458,9 @@ def _merged(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {path: {**DEFAULT_ENDPOINTS.get(path, {}), **spec} for path, spec in overrides.items()}
 
 
-def _endpoint(local_path: str, spec: dict[str, Any], stream_config: StreamConfig) -> Endpoint:
+def _endpoint(local_path: str, spec: dict[str, Any], defaults: dict[str, Any]) -> Endpoint:
+    """An endpoint's own setting wins; otherwise the provider's (``defaults``) applies."""
+    spec = {**defaults, **{k: v for k, v in spec.items() if v is not None}}
     return Endpoint(
         local_path=local_path,
         upstream_path=spec.get("upstreamPath") or local_path.removeprefix("/v1"),
@@ -475,10 +468,15 @@ def _endpoint(local_path: str, spec: dict[str, Any], stream_config: StreamConfig
         headers=spec.get("headers", MappingProxyType({})),
         stream_support=spec.get("streamSupport", True),
         requires_multipart=spec.get("requiresMultipart", False),
-        rate_limit=spec.get("rateLimit"),
-        stream_config=spec.get("streamConfig") or stream_config,
-        key_header=spec.get("keyHeader"),
+        rate_limit=spec["rateLimit"],
+        stream_config=spec["streamConfig"],
+        key_header=spec["keyHeader"],
     )
+
+
+# Told of every reload: the problem (None when the new config took effect) and the config
+# that is serving afterwards.
+ReloadListener = Callable[[ConfigInvalid | None, ProviderConfig], None]
 
 
 class ConfigStore:
@@ -488,12 +486,18 @@ class ConfigStore:
     providers (no path) never change, so they are never re-read.
     """
 
-    def __init__(self, config: ProviderConfig, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        path: Path | None = None,
+        *,
+        on_reload: ReloadListener = lambda problem, current: None,
+    ) -> None:
         self._config = config
         self._path = path
         self._lock = threading.Lock()
         self._signature = self._file_signature()
-        self.on_reload: Callable[[ConfigInvalid | None], None] = log_reload
+        self._on_reload = on_reload
 
     @property
     def current(self) -> ProviderConfig:
@@ -518,20 +522,12 @@ class ConfigStore:
             try:
                 config = load_file(self._path)
             except ConfigInvalid as exc:
-                self.on_reload(exc)
+                self._on_reload(exc, self._config)
                 return False
             if config.port != self._config.port:
                 log.warning(
                     "config port changed to %d: restart apirouter to listen there", config.port
                 )
             self._config = config
-        self.on_reload(None)
+        self._on_reload(None, config)
         return True
-
-
-def log_reload(problem: ConfigInvalid | None, extra: Mapping[str, Any] | None = None) -> None:
-    """Say what a reload did. A bad file never replaces the config that is serving."""
-    if problem is None:
-        log.info("config reloaded")
-    else:
-        log.error("config reload failed, keeping the last good config: %s", problem, extra=extra)

@@ -34,7 +34,7 @@ from sentry_sdk.utils import Dsn
 from apirouter import tracking
 from apirouter.alerting import REPEATED_FAILURES
 from apirouter.app import App
-from apirouter.config import ConfigStore, ProviderConfig, parse
+from apirouter.config import ProviderConfig, parse
 from apirouter.settings import Settings
 
 SYNTHETIC_KEY = "test-alert-synthetic-key"
@@ -270,9 +270,7 @@ def _fire(
     settings: Settings, provider: str, failures: int, mode: str, progress: Callable[[], None]
 ) -> None:
     with failing_upstream(mode) as base_url:
-        app = App(
-            ConfigStore(synthetic_config(provider, base_url)), settings, tracking_enabled=True
-        )
+        app = App(synthetic_config(provider, base_url), settings, tracking_enabled=True)
         client = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://router")
         try:
             for _ in range(failures):

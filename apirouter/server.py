@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from waitress import create_server, wasyncore
 from waitress.server import BaseWSGIServer
@@ -65,7 +66,7 @@ def run(
         log.info("shutting down: no new connections; waiting for requests in flight")
         _stop_listening(socket_map)
         deadline = time.monotonic() + GRACE_SECONDS
-        while _in_flight(app) > 0 and time.monotonic() < deadline:
+        while app.reporter.in_flight > 0 and time.monotonic() < deadline:
             wasyncore.loop(timeout=0.1, map=socket_map, use_poll=True, count=1)
     finally:
         server.task_dispatcher.shutdown(timeout=1)
@@ -83,13 +84,9 @@ def watch_config(app: App, stopping: threading.Event) -> None:
             log.exception("config watcher failed")
 
 
-def _stop_listening(socket_map: dict) -> None:
+def _stop_listening(socket_map: dict[int, Any]) -> None:
     for dispatcher in list(socket_map.values()):
         if isinstance(dispatcher, BaseWSGIServer):
             dispatcher.accepting = False
             dispatcher.del_channel()
             dispatcher.socket.close()
-
-
-def _in_flight(app: App) -> float:
-    return app.metrics.registry.get_sample_value("apirouter_requests_in_flight") or 0.0

@@ -32,7 +32,8 @@ from apirouter.context import RequestContext
 from apirouter.errors import ConfigError, InternalError, RouterError
 from apirouter.settings import Settings
 
-REPORTED = {"sentry_reported": True}  # logging `extra` marking a failure already captured
+# Logging `extra` marking a failure already sent to Sentry: its log line must not be sent again.
+ALREADY_CAPTURED = {"sentry_reported": True}
 FILTERED = "[Filtered]"
 _SECRET_KEY = re.compile(
     r"authorization|api[-_]?key|x-api-key|cookie|secret|password|passwd|token|dsn|credential",

@@ -16,7 +16,7 @@ from support import Ingest, Router, serving, write_config
 
 from apirouter import logs, tracking
 from apirouter.app import App
-from apirouter.config import ConfigStore, load_file
+from apirouter.config import load_file
 from apirouter.settings import Settings
 
 
@@ -51,8 +51,9 @@ def make_router(httpserver: HTTPServer, tmp_path: Path) -> Iterator[Callable[...
         document = {"name": "testprov", "baseUrl": httpserver.url_for("/v1"), **(config or {})}
         path = write_config(tmp_path / f"provider-{len(stack)}.json", document)
         app = App(
-            ConfigStore(load_file(path), path),
+            load_file(path),
             Settings.defaults(**settings),
+            config_path=path,
             tracking_enabled=tracking_enabled,
             clock=clock,
         )

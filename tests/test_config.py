@@ -48,7 +48,7 @@ def test_shipped_base_urls_are_openai_compatible_endpoints():
     assert load("cohere").base_url == "https://api.cohere.ai/compatibility/v1"
     anthropic = load("anthropic")
     assert anthropic.endpoints["/v1/messages"].key_header == "x-api-key"
-    assert anthropic.endpoints["/v1/chat/completions"].key_header is None  # Bearer
+    assert anthropic.endpoints["/v1/chat/completions"].key_header == "authorization"  # Bearer
 
 
 def test_default_provider_is_qwen():
@@ -142,22 +142,39 @@ def test_endpoint_overrides_refine_the_defaults(tmp_path):
     assert config.endpoints["/v1/rerank"].upstream_path == "/rerank"
 
 
-def test_hot_reload_applies_a_good_file_and_keeps_the_last_good_one(tmp_path, caplog):
+def test_hot_reload_applies_a_good_file_and_keeps_the_last_good_one(tmp_path):
     path = write_config(tmp_path / "p.json", {"name": "one", "baseUrl": "https://one.example/v1"})
-    store = ConfigStore(load_file(path), path)
+    told = []
+    store = ConfigStore(
+        load_file(path), path, on_reload=lambda problem, current: told.append((problem, current))
+    )
     assert store.reload_if_changed() is False  # unchanged
+    assert told == []
 
     write_config(path, {"name": "two", "baseUrl": "https://two.example/v1"})
     os.utime(path, ns=(1, 1_000_000_000))
-    with caplog.at_level(logging.INFO, logger="apirouter.config"):
-        assert store.reload_if_changed() is True
+    assert store.reload_if_changed() is True
     assert store.current.name == "two"
+    assert told[-1] == (None, store.current)
 
     path.write_text('{"name": "three", "baseUrl": ')
     os.utime(path, ns=(2, 2_000_000_000))
-    with caplog.at_level(logging.ERROR, logger="apirouter.config"):
-        assert store.reload_if_changed() is False
+    assert store.reload_if_changed() is False
     assert store.current.name == "two"
+    problem, current = told[-1]
+    assert isinstance(problem, ConfigInvalid) and current.name == "two"
+
+
+def test_reload_outcomes_are_logged_by_the_reporter(make_router, caplog):
+    router = make_router()
+    document = json.loads(router.config_path.read_text())
+    write_config(router.config_path, {**document, "name": "renamed"})
+    os.utime(router.config_path, ns=(1, 1_000_000_000))
+    with caplog.at_level(logging.INFO, logger="apirouter.config"):
+        router.app.store.reload_if_changed()
+        router.config_path.write_text("{broken")
+        os.utime(router.config_path, ns=(2, 2_000_000_000))
+        router.app.store.reload_if_changed()
     assert "config reloaded" in caplog.text
     assert "keeping the last good config" in caplog.text
 

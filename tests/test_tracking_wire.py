@@ -107,7 +107,7 @@ def test_upstream_503_and_timeout_events(sentry, make_router, httpserver, ingest
 
 def test_unhandled_exception_is_captured_with_its_traceback(sentry, tmp_path, ingest):
     from apirouter.app import App
-    from apirouter.config import ConfigStore, load
+    from apirouter.config import load
 
     class ExplodingTransport(httpx.BaseTransport):
         def handle_request(self, request):
@@ -115,7 +115,7 @@ def test_unhandled_exception_is_captured_with_its_traceback(sentry, tmp_path, in
 
     settings = sentry()
     app = App(
-        ConfigStore(load("generic")),
+        load("generic"),
         settings,
         tracking_enabled=True,
         upstream=Upstream(1, 1, transport=ExplodingTransport()),

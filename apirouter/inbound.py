@@ -1,0 +1,192 @@
+"""Reading the client's request: the one place that turns WSGI ``environ`` into an ``Inbound``.
+
+Everything the router learns from the client comes from here: method, route, headers, the
+key it presented, the request id, and the body (validated, with only ``model`` mapped).
+The body is read last and on demand, so a request refused for its key or rate limit is
+never read.
+
+The body the client sent is forwarded byte for byte; only ``model`` changes, and only when
+``modelMapping`` maps it. The older router re-serialised bodies through strict structs and
+silently dropped ``tools``, ``response_format`` and multimodal content; we never do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from apirouter import errors
+from apirouter.config import Endpoint
+
+JSON = "application/json"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Body:
+    """A request body after validation: the bytes to send, and whether it asks to stream."""
+
+    data: bytes
+    stream: bool
+
+
+EMPTY = Body(b"", False)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One client request as the router sees it. ``key`` is a secret: never log it."""
+
+    method: str
+    path: str
+    query: str
+    route: str  # a known route, or "other": safe as a metrics label
+    headers: Mapping[str, str]  # lowercase names
+    key: str | None
+    request_id: str
+    environ: Mapping[str, Any]
+
+    def read_body(self, endpoint: Endpoint, mapping: Mapping[str, str], limit: int) -> Body:
+        """Read and validate the body this endpoint expects, mapping its ``model``."""
+        if endpoint.method in ("GET", "DELETE"):
+            return EMPTY
+        content_type = self.headers.get("content-type", "")
+        media_type = content_type.partition(";")[0].strip().lower()
+        if endpoint.requires_multipart:
+            if media_type != "multipart/form-data":
+                raise _wrong_media_type(endpoint, "multipart/form-data", media_type)
+            return multipart_body(read_limited(self.environ, limit), content_type, mapping)
+        if media_type != JSON and not media_type.endswith("+json"):
+            raise _wrong_media_type(endpoint, JSON, media_type)
+        return json_body(read_limited(self.environ, limit), mapping)
+
+
+def parse(environ: Mapping[str, Any], route: str) -> Inbound:
+    """The request line and headers; the body stays unread until ``read_body``."""
+    headers = client_headers(environ)
+    return Inbound(
+        method=environ.get("REQUEST_METHOD", "GET"),
+        path=environ.get("PATH_INFO") or "/",
+        query=environ.get("QUERY_STRING", ""),
+        route=route,
+        headers=headers,
+        key=client_key(headers),
+        request_id=request_id(headers.get("x-request-id")),
+        environ=environ,
+    )
+
+
+def client_headers(environ: Mapping[str, Any]) -> dict[str, str]:
+    headers = {
+        key[5:].replace("_", "-").lower(): value
+        for key, value in environ.items()
+        if key.startswith("HTTP_")
+    }
+    if environ.get("CONTENT_TYPE"):
+        headers["content-type"] = environ["CONTENT_TYPE"]
+    return headers
+
+
+def client_key(headers: Mapping[str, str]) -> str | None:
+    """The API key the client presented, from ``Authorization: Bearer`` or ``x-api-key``."""
+    authorization = headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+def request_id(supplied: str | None) -> str:
+    """The client's request id when it is sane (it goes into logs and headers), else ours."""
+    if supplied and _SANE_REQUEST_ID.match(supplied):
+        return supplied
+    return uuid.uuid4().hex
+
+
+def read_limited(environ: Mapping[str, Any], limit: int) -> bytes:
+    """Read the body, refusing an oversized one before reading it."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    stream = environ["wsgi.input"]
+    if not declared:
+        data = stream.read(limit + 1) if environ.get("wsgi.input_terminated") else b""
+    elif not declared.isdigit():
+        raise errors.BadRequest(f"Invalid Content-Length header {declared[:32]!r}.")
+    elif int(declared) > limit:
+        raise errors.PayloadTooLarge(
+            f"Request body of {declared} bytes exceeds the limit of {limit} bytes."
+        )
+    else:
+        data = stream.read(int(declared))
+    if len(data) > limit:
+        raise errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    return bytes(data)
+
+
+def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.RouterError:
+    return errors.UnsupportedMediaType(
+        f"{endpoint.local_path} expects Content-Type {expected}, got {got or 'none'}."
+    )
+
+
+def json_body(raw: bytes, mapping: Mapping[str, str]) -> Body:
+    """Validate a JSON request body and map its model; every other byte is untouched."""
+    if not raw.strip():
+        raise errors.BadRequest("Request body is empty: send a JSON object with a 'model' field.")
+    try:
+        document = json.loads(raw.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
+    except UnicodeDecodeError:
+        raise errors.BadRequest("Request body is not UTF-8 encoded JSON.") from None
+    except json.JSONDecodeError as exc:
+        raise errors.BadRequest(
+            f"Request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+        ) from None
+    if not isinstance(document, dict):
+        raise errors.BadRequest("Request body must be a JSON object.")
+    model = document.get("model")
+    if "model" not in document:
+        raise errors.BadRequest("Request body is missing the required 'model' field.")
+    if not isinstance(model, str) or not model.strip():
+        raise errors.BadRequest("'model' must be a non-empty string.")
+    stream = document.get("stream") is True
+    target = mapping.get(model)
+    if target is None:
+        return Body(raw, stream)
+    document["model"] = target
+    return Body(json.dumps(document, ensure_ascii=False).encode(), stream)
+
+
+_MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*\bname="model"', re.IGNORECASE)
+
+
+def multipart_body(raw: bytes, content_type: str, mapping: Mapping[str, str]) -> Body:
+    """Find the ``model`` form field of a multipart body and map it, byte-preserving."""
+    boundary = _boundary(content_type)
+    delimiter = b"--" + boundary.encode("latin-1")
+    parts = raw.split(delimiter)
+    if len(parts) < 3:
+        raise errors.BadRequest("Multipart body does not contain the boundary from Content-Type.")
+    for index, part in enumerate(parts):
+        head, separator, value = part.partition(b"\r\n\r\n")
+        if not separator or not _MODEL_PART.search(head):
+            continue
+        model = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
+        if not model:
+            break
+        target = mapping.get(model)
+        if target is None:
+            return Body(raw, False)
+        parts[index] = head + separator + target.encode() + b"\r\n"
+        return Body(delimiter.join(parts), False)
+    raise errors.BadRequest("Multipart body is missing the required 'model' form field.")
+
+
+def _boundary(content_type: str) -> str:
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.strip().partition("=")
+        if name.lower() == "boundary" and value.strip('"'):
+            return value.strip('"')
+    raise errors.BadRequest("Content-Type multipart/form-data must carry a boundary parameter.")

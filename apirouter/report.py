@@ -1,0 +1,189 @@
+"""The ``finish`` step: the one place where the outcome of a request is recorded.
+
+Every request ends in exactly one ``Reporter.finish(ctx, outcome)``. Metrics, the access
+log line, the Sentry capture and the failure windows all read that same outcome, so they
+can never disagree (the older router logged 500 when it had sent 400). Alerts and
+recoveries that the failure windows raise go out from here too, three ways, once each:
+log line, metric, Sentry event. The app hands the Reporter outcomes and never imports
+tracking or logging itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from apirouter import errors, tracking
+from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
+from apirouter.config import ConfigInvalid, ProviderConfig
+from apirouter.context import Outcome, RequestContext
+from apirouter.logs import access_log, alert_log
+from apirouter.metrics import Metrics
+from apirouter.settings import Settings
+
+log = logging.getLogger("apirouter.report")
+config_log = logging.getLogger("apirouter.config")
+
+
+class Reporter:
+    """Records outcomes; owns the metrics and the failure tracker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tracking_enabled: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tracking_enabled = tracking_enabled
+        self.sentry_client_errors = settings.sentry_client_errors
+        self.clock = clock
+        self.metrics = Metrics()
+        self.tracker = FailureTracker(
+            settings.alert_threshold,
+            settings.alert_window_seconds,
+            settings.alert_throttle_seconds,
+            clock=clock,
+        )
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests begun and not yet finished (streams count until their last byte)."""
+        return self._in_flight
+
+    def begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def finish(self, ctx: RequestContext, outcome: Outcome) -> None:
+        """Record a request's outcome once. Reporting must never break serving."""
+        with self._lock:
+            self._in_flight -= 1
+        try:
+            self._record(ctx, outcome)
+        except Exception:
+            log.exception("failed to record the outcome of request %s", ctx.request_id)
+
+    def _record(self, ctx: RequestContext, outcome: Outcome) -> None:
+        elapsed = self.clock() - ctx.start
+        error = outcome.error
+        metrics = self.metrics
+        metrics.requests.labels(
+            ctx.route, metrics.method_label(ctx.method), str(outcome.status)
+        ).inc()
+        metrics.request_duration.labels(ctx.route).observe(elapsed)
+        if ctx.upstream_seconds is not None:
+            metrics.upstream_duration.labels(ctx.provider).observe(ctx.upstream_seconds)
+        captured = False
+        if error is not None:
+            if error.upstream_failure:
+                metrics.upstream_errors.labels(ctx.provider, error.error_type).inc()
+            elif isinstance(error, errors.ClientDisconnected):
+                metrics.client_disconnects.labels(ctx.route).inc()
+            if self.tracking_enabled and self._reportable(error):
+                tracking.capture_failure(ctx, error, outcome.status)
+                captured = True
+        self._log_access(ctx, outcome, elapsed, captured)
+        if error is not None and error.upstream_failure:
+            failure = Failure(error.error_type, outcome.status, ctx.request_id)
+            alert = self.tracker.record_failure(ctx.provider, failure)
+            if alert is not None:
+                self._alert(alert)
+        elif ctx.upstream_status is not None:
+            recovery = self.tracker.record_success(ctx.provider)
+            if recovery is not None:
+                self._recovery(recovery)
+
+    def _reportable(self, error: errors.RouterError) -> bool:
+        if isinstance(error, errors.ClientError):
+            return self.sentry_client_errors
+        return error.reported
+
+    def _log_access(
+        self, ctx: RequestContext, outcome: Outcome, elapsed: float, captured: bool
+    ) -> None:
+        error = outcome.error
+        level = logging.INFO
+        if error is not None and error.reported:
+            level = logging.ERROR
+        elif error is not None and not isinstance(error, errors.ClientDisconnected):
+            level = logging.WARNING
+        fields = {
+            "request_id": ctx.request_id,
+            "method": ctx.method,
+            "route": ctx.route,
+            "status": outcome.status,
+            "latency_ms": round(elapsed * 1000, 1),
+            "provider": ctx.provider,
+            "upstream_ms": None
+            if ctx.upstream_seconds is None
+            else round(ctx.upstream_seconds * 1000, 1),
+            "client_key": ctx.key_label,
+            "error_type": error.error_type if error else None,
+        }
+        access_log.log(
+            level,
+            error.message if error is not None else "request",
+            extra=_log_extra(fields, captured),
+            exc_info=error.__cause__ if isinstance(error, errors.InternalError) else None,
+        )
+
+    def _alert(self, alert: Alert) -> None:
+        """An alert goes out three ways, once each: metric, Sentry event, log line."""
+        self.metrics.alerts.labels(alert.provider, alert.alert_type).inc()
+        if self.tracking_enabled:
+            tracking.capture_alert(alert)
+        fields = {
+            "alert_type": alert.alert_type,
+            "provider": alert.provider,
+            "count": alert.count,
+            "window_seconds": alert.window_seconds,
+            "threshold": alert.threshold,
+            "last_error_type": alert.last_error_type,
+            "last_status": alert.last_status,
+            "sample_request_ids": ",".join(alert.sample_request_ids),
+        }
+        alert_log.error(
+            "repeated upstream failures", extra=_log_extra(fields, self.tracking_enabled)
+        )
+
+    def _recovery(self, recovery: Recovery) -> None:
+        self.metrics.alerts.labels(recovery.provider, recovery.alert_type).inc()
+        if self.tracking_enabled:
+            tracking.capture_recovery(recovery)
+        fields = {
+            "alert_type": recovery.alert_type,
+            "provider": recovery.provider,
+            "failures_since_alert": recovery.failures_since_alert,
+        }
+        alert_log.warning("upstream recovered", extra=_log_extra(fields, False))
+
+    def config_reloaded(self, problem: ConfigInvalid | None, current: ProviderConfig) -> None:
+        """Say what a reload did. A bad file never replaces the config that is serving."""
+        self.metrics.config_reloads.labels("failure" if problem else "success").inc()
+        if problem is None:
+            config_log.info("config reloaded")
+            return
+        captured = (
+            self.tracking_enabled
+            and tracking.capture_config_error(problem, current.name) is not None
+        )
+        config_log.error(
+            "config reload failed, keeping the last good config: %s",
+            problem,
+            extra=_log_extra({}, captured),
+        )
+
+
+def _log_extra(fields: dict[str, Any], captured: bool) -> dict[str, Any]:
+    """Logging ``extra``: structured fields, and the mark that Sentry already has it."""
+    extra: dict[str, Any] = {"fields": fields}
+    if captured:
+        extra.update(tracking.ALREADY_CAPTURED)
+    return extra
