@@ -40,6 +40,7 @@ from apirouter.upstream import Upstream, iter_raw
 
 StartResponse = Callable[..., Any]
 _LOCAL_ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET"}
+MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
 
 
 @dataclass
@@ -113,11 +114,13 @@ class App:
             internal.__cause__ = exc
             response = error_response(internal)
         response.headers.append(("X-Request-ID", ctx.request_id))
+        if request.method == "HEAD":  # RFC 9110 §9.3.2: the GET headers, never a body
+            response.headers.append(("Content-Length", str(len(response.body))))
         start_response(_status_line(response.status), response.headers)
         if response.relay is not None:
             return response.relay
         self.reporter.finish(ctx, Outcome(response.status, response.error))
-        return [response.body]
+        return [] if request.method == "HEAD" else [response.body]
 
     def _dispatch(
         self,
@@ -126,12 +129,15 @@ class App:
         config: ProviderConfig,
         endpoint: Endpoint | None,
     ) -> Response:
+        if len(request.path) + len(request.query) > MAX_URL_BYTES:
+            raise errors.URITooLong(f"The request target exceeds {MAX_URL_BYTES} bytes.")
         allowed = endpoint.method if endpoint else _LOCAL_ROUTES.get(request.route)
         if allowed is None:
             raise errors.NotFound(
                 f"Unknown path {request.path[:200]!r}: see the README for the endpoints."
             )
-        if request.method != allowed:
+        local_head = endpoint is None and request.method == "HEAD"
+        if request.method != allowed and not local_head:
             raise errors.MethodNotAllowed(
                 f"Method {request.method} is not allowed here; use {allowed}.", [allowed]
             )

@@ -9,10 +9,12 @@ keeps its own mapping table.
     RouterError
     ├── ClientError                     the client's mistake: 4xx, not reported by default
     │   ├── BadRequest                  400
+    │   │   └── InvalidJSON             400 body is not JSON we can read (syntax, depth, digits)
     │   ├── Unauthorized                401
     │   ├── NotFound                    404
     │   ├── MethodNotAllowed            405 (carries the allowed methods)
     │   ├── PayloadTooLarge             413
+    │   ├── URITooLong                  414
     │   ├── UnsupportedMediaType        415
     │   └── RateLimited                 429 (carries Retry-After)
     ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
@@ -74,6 +76,10 @@ class BadRequest(ClientError):
     error_type = "bad_request"
 
 
+class InvalidJSON(BadRequest):
+    error_type = "invalid_json"
+
+
 class Unauthorized(ClientError):
     status = 401
     error_type = "unauthorized"
@@ -100,6 +106,11 @@ class MethodNotAllowed(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     error_type = "payload_too_large"
+
+
+class URITooLong(ClientError):
+    status = 414
+    error_type = "uri_too_long"
 
 
 class UnsupportedMediaType(ClientError):

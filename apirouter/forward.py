@@ -7,15 +7,24 @@ ever rewritten); this module decides the URL and the merged headers.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import quote
 
 from apirouter.config import Endpoint, ProviderConfig
 from apirouter.headers import DROPPED_REQUEST_HEADERS, KEY_HEADERS, named_in_connection
+
+# Printable ASCII passes through as the client wrote it; anything else is percent-encoded
+# from the client's own bytes, so no client query can make an invalid upstream URL.
+_QUERY_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 def upstream_url(config: ProviderConfig, endpoint: Endpoint, query: str) -> str:
     """Join baseUrl and the upstream path without dropping baseUrl's own path prefix."""
     url = config.base_url + endpoint.upstream_path
-    return f"{url}?{query}" if query else url
+    if not query:
+        return url
+    if not query.isprintable() or not query.isascii() or " " in query:
+        query = quote(query.encode("latin-1"), safe=_QUERY_SAFE)
+    return f"{url}?{query}"
 
 
 def upstream_headers(

@@ -133,30 +133,97 @@ def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.Rou
 
 
 def json_body(raw: bytes, mapping: Mapping[str, str]) -> Body:
-    """Validate a JSON request body and map its model; every other byte is untouched."""
+    """Validate a JSON request body and map its model; every other byte is untouched.
+
+    The mapped model is spliced into the original text rather than re-serialising the
+    document, so nothing the client sent (key order, number spelling, escapes such as a
+    lone surrogate ``\\ud800``) can change or make the rewrite fail.
+    """
     if not raw.strip():
         raise errors.BadRequest("Request body is empty: send a JSON object with a 'model' field.")
     try:
-        document = json.loads(raw.decode("utf-8"))  # RFC 8259: JSON on the wire is UTF-8
+        text = raw.decode("utf-8")  # RFC 8259: JSON on the wire is UTF-8
     except UnicodeDecodeError:
-        raise errors.BadRequest("Request body is not UTF-8 encoded JSON.") from None
-    except json.JSONDecodeError as exc:
-        raise errors.BadRequest(
-            f"Request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
-        ) from None
-    if not isinstance(document, dict):
-        raise errors.BadRequest("Request body must be a JSON object.")
-    model = document.get("model")
-    if "model" not in document:
+        raise errors.InvalidJSON("Request body is not UTF-8 encoded JSON.") from None
+    members = _top_level_members(text)
+    if "model" not in members:
         raise errors.BadRequest("Request body is missing the required 'model' field.")
+    model, start, end = members["model"]
     if not isinstance(model, str) or not model.strip():
         raise errors.BadRequest("'model' must be a non-empty string.")
-    stream = document.get("stream") is True
+    stream = members.get("stream", (None, 0, 0))[0] is True
     target = mapping.get(model)
     if target is None:
         return Body(raw, stream)
-    document["model"] = target
-    return Body(json.dumps(document, ensure_ascii=False).encode(), stream)
+    spliced = text[:start] + json.dumps(target, ensure_ascii=False) + text[end:]
+    return Body(spliced.encode("utf-8"), stream)
+
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+Member = tuple[Any, int, int]  # value, and where its text starts and ends
+
+
+def _top_level_members(text: str) -> dict[str, Member]:
+    """Parse a JSON object, keeping where each top-level value sits in ``text``.
+
+    As with ``json.loads``, a repeated key keeps its last value. Python's own limits on
+    client bytes (nesting depth, integer digits) become a 400, never a 500.
+    """
+    try:
+        return _scan_object(text)
+    except json.JSONDecodeError as exc:
+        raise errors.InvalidJSON(
+            f"Request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+        ) from None
+    except RecursionError:
+        raise errors.InvalidJSON("Request body is not valid JSON: nested too deeply.") from None
+    except ValueError:  # Python refuses integers of more than 4,300 digits
+        raise errors.InvalidJSON(
+            "Request body is not valid JSON we accept: a number has too many digits."
+        ) from None
+
+
+def _scan_object(text: str) -> dict[str, Member]:
+    position = _WHITESPACE.match(text, 0).end()  # type: ignore[union-attr]
+    if not text.startswith("{", position):
+        _DECODER.decode(text)  # a syntax error is reported as json reports it
+        raise errors.BadRequest("Request body must be a JSON object.")
+    members: dict[str, Member] = {}
+    position = _skip(text, position + 1)
+    if text.startswith("}", position):
+        return _end_of_document(text, position + 1, members)
+    while True:
+        if not text.startswith('"', position):
+            raise json.JSONDecodeError(
+                "Expecting property name enclosed in double quotes", text, position
+            )
+        key, position = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        position = _skip(text, position)
+        if not text.startswith(":", position):
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, position)
+        start = _skip(text, position + 1)
+        try:
+            value, position = _DECODER.scan_once(text, start)  # type: ignore[attr-defined]
+        except StopIteration as stop:
+            raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+        members[key] = (value, start, position)
+        position = _skip(text, position)
+        if text.startswith("}", position):
+            return _end_of_document(text, position + 1, members)
+        if not text.startswith(",", position):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+        position = _skip(text, position + 1)
+
+
+def _skip(text: str, position: int) -> int:
+    return _WHITESPACE.match(text, position).end()  # type: ignore[union-attr]
+
+
+def _end_of_document(text: str, position: int, members: dict[str, Member]) -> dict[str, Member]:
+    if _skip(text, position) != len(text):
+        raise json.JSONDecodeError("Extra data", text, _skip(text, position))
+    return members
 
 
 _MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*\bname="model"', re.IGNORECASE)

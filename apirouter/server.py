@@ -18,6 +18,7 @@ from waitress.server import BaseWSGIServer
 
 from apirouter import tracking
 from apirouter.app import App
+from apirouter.protocol import RouterChannel
 
 log = logging.getLogger("apirouter.server")
 GRACE_SECONDS = 10.0
@@ -26,7 +27,7 @@ CONFIG_POLL_SECONDS = 1.0
 
 def make_server(app: App, host: str, port: int, threads: int) -> BaseWSGIServer:
     """A waitress server for the app. Its body limit is a backstop above the app's own."""
-    return create_server(
+    http_server = create_server(
         app,
         host=host,
         port=port,
@@ -36,6 +37,8 @@ def make_server(app: App, host: str, port: int, threads: int) -> BaseWSGIServer:
         max_request_body_size=app.settings.max_body_bytes * 2 + 1024 * 1024,
         clear_untrusted_proxy_headers=True,
     )
+    http_server.channel_class = RouterChannel  # type: ignore[union-attr]
+    return http_server
 
 
 def listen_urls(server: BaseWSGIServer) -> list[str]:

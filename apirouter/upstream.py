@@ -46,13 +46,32 @@ class Upstream:
         """Send a request and return the response with its body not yet read."""
         host = httpx.URL(url).host
         try:
-            request = self.client.build_request(method, url, headers=headers, content=body)
+            request = self.client.build_request(
+                method, url, headers=wire_headers(headers), content=body
+            )
             return self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise translate_httpx_error(exc, host) from exc
 
     def close(self) -> None:
         self.client.close()
+
+
+def wire_headers(headers: dict[str, str]) -> dict[str, bytes]:
+    """Header values as the bytes to send, never re-encoded.
+
+    WSGI hands us the client's header bytes decoded as latin-1 (PEP 3333), so encoding
+    them as latin-1 restores exactly what the client sent (httpx would otherwise insist
+    on ASCII and fail on ``X-Title: café``). A configured value beyond latin-1 goes as
+    UTF-8.
+    """
+    wire = {}
+    for name, value in headers.items():
+        try:
+            wire[name] = value.encode("latin-1")
+        except UnicodeEncodeError:
+            wire[name] = value.encode("utf-8")
+    return wire
 
 
 def iter_raw(response: httpx.Response) -> Iterator[bytes]:

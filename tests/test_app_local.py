@@ -43,7 +43,7 @@ def assert_openai_error(response, status, code, words):
     ("content", "content_type", "status", "code", "words"),
     [
         (b"", "application/json", 400, "bad_request", "empty"),
-        (b"{not json", "application/json", 400, "bad_request", "not valid JSON"),
+        (b"{not json", "application/json", 400, "invalid_json", "not valid JSON"),
         (b"[1, 2]", "application/json", 400, "bad_request", "must be a JSON object"),
         (
             b'{"messages": []}',
@@ -55,7 +55,7 @@ def assert_openai_error(response, status, code, words):
         (b'{"model": 42}', "application/json", 400, "bad_request", "non-empty string"),
         (b'{"model": ""}', "application/json", 400, "bad_request", "non-empty string"),
         (b'{"model": "m"}', "text/plain", 415, "unsupported_media_type", "application/json"),
-        (b"\xff\xfe", "application/json", 400, "bad_request", "UTF-8"),
+        (b"\xff\xfe", "application/json", 400, "invalid_json", "UTF-8"),
     ],
 )
 def test_bad_json_bodies_get_openai_errors(

@@ -186,7 +186,7 @@ def test_client_errors_are_not_events_unless_asked(sentry, make_router, ingest, 
     )
     [event] = ingest.wait_for_events(1)
     assert event["level"] == "info"
-    assert event["tags"]["error_type"] == "bad_request"
+    assert event["tags"]["error_type"] == "invalid_json"
 
 
 def test_concurrent_requests_keep_their_own_tags(sentry, make_router, httpserver, ingest):
