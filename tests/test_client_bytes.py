@@ -120,11 +120,12 @@ def test_a_url_over_16_kib_gets_414(router):
     assert response.json()["error"]["code"] == "uri_too_long"
 
 
-def test_head_gets_the_get_headers_and_no_body_keeping_the_connection_usable(router):
+def test_head_gets_the_get_headers_and_no_body_keeping_the_connection_usable(make_router):
+    router = make_router({"modelMapping": {"fast": "big-model"}})
     request = (
-        b"HEAD /health HTTP/1.1\r\nHost: r\r\n\r\n"
+        b"HEAD /v1/models HTTP/1.1\r\nHost: r\r\n\r\n"
         b"HEAD /v1/chat/completions HTTP/1.1\r\nHost: r\r\n\r\n"
-        b"GET /health HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+        b"GET /v1/models HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
     )
     exchange = raw_exchange(router.url, request)
     responses = re.split(rb"(?=HTTP/1\.1 \d{3} )", exchange)[1:]
