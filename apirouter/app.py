@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
-from apirouter import __version__, errors, forward, inbound
+from apirouter import __version__, errors, forward, inbound, routes
 from apirouter.config import (
     ConfigStore,
     Endpoint,
@@ -39,7 +40,11 @@ from apirouter.settings import Settings
 from apirouter.upstream import Upstream, iter_raw
 
 StartResponse = Callable[..., Any]
-_LOCAL_ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET"}
+_LOCAL_ROUTES = frozenset(("/health", "/metrics"))
+_LOCAL_METHODS = ("GET", "HEAD")
+_MODELS = "/v1/models"
+_REALTIME = "/v1/realtime"
+SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]  # no proxy buffering
 MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
 
 
@@ -90,9 +95,10 @@ class App:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         config = self.store.current
         path = environ.get("PATH_INFO") or "/"
-        endpoint = config.endpoints.get(path)
+        match = None if path in _LOCAL_ROUTES else config.routes.match(routes.raw_path(environ))
+        route = match.endpoint.local_path if match else path
         request = inbound.parse(
-            environ, route=path if (endpoint or path in _LOCAL_ROUTES) else "other"
+            environ, route=route if (match or path in _LOCAL_ROUTES) else "other"
         )
         ctx = RequestContext(
             request_id=request.request_id,
@@ -104,7 +110,7 @@ class App:
         )
         self.reporter.begin()
         try:
-            response = self._dispatch(request, ctx, config, endpoint)
+            response = self._dispatch(request, ctx, config, match)
         except errors.RouterError as error:
             response = error_response(error)
         except Exception as exc:  # never a traceback to the client; reported once in finish
@@ -127,32 +133,55 @@ class App:
         request: Inbound,
         ctx: RequestContext,
         config: ProviderConfig,
-        endpoint: Endpoint | None,
+        match: routes.Match | None,
     ) -> Response:
         if len(request.path) + len(request.query) > MAX_URL_BYTES:
             raise errors.URITooLong(f"The request target exceeds {MAX_URL_BYTES} bytes.")
-        allowed = endpoint.method if endpoint else _LOCAL_ROUTES.get(request.route)
-        if allowed is None:
-            raise errors.NotFound(
-                f"Unknown path {request.path[:200]!r}: see the README for the endpoints."
-            )
-        local_head = endpoint is None and request.method == "HEAD"
-        if request.method != allowed and not local_head:
+        if match is None and request.route == "other":
+            raise _not_found(request.path)
+        allowed = match.endpoint.methods if match else _LOCAL_METHODS
+        if request.method not in allowed:
             raise errors.MethodNotAllowed(
-                f"Method {request.method} is not allowed here; use {allowed}.", [allowed]
+                f"Method {request.method} is not allowed here; use {' or '.join(allowed)}.",
+                list(allowed),
             )
-        if endpoint is None:
-            return self._local(request.route, config)
-        return self._proxy(request, ctx, config, endpoint)
+        if match is None:
+            return self._local(request.route)
+        routes.check_segments(match.params)
+        if request.route == _MODELS:
+            return self._models(request, ctx, config, match.endpoint)
+        alias = match.params.get("model")
+        if request.route == _MODELS + "/{model}" and unquote(alias or "") in config.model_mapping:
+            return json_response(_model(unquote(alias or ""), config))
+        return self._proxy(request, ctx, config, match)
 
     # --- local endpoints -------------------------------------------------------------------
 
-    def _local(self, route: str, config: ProviderConfig) -> Response:
+    def _local(self, route: str) -> Response:
         if route == "/metrics":
             return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], self.metrics.render())
-        if route == "/v1/models":
-            return json_response({"object": "list", "data": _models(config)})
-        return json_response(self._health(config))
+        return json_response(self._health(self.store.current))
+
+    def _models(
+        self, request: Inbound, ctx: RequestContext, config: ProviderConfig, endpoint: Endpoint
+    ) -> Response:
+        """The config's aliases first, then the upstream's own list (fetched with the
+        client's key). When the upstream cannot answer, the aliases alone."""
+        aliases = [_model(alias, config) for alias in config.model_mapping]
+        try:
+            upstream_response = self._forward(request, ctx, config, routes.Match(endpoint, {}))
+            try:
+                listed = json.loads(b"".join(iter_raw(upstream_response)))
+            finally:
+                upstream_response.close()
+            theirs = listed["data"] if upstream_response.status_code == 200 else []
+            if not isinstance(theirs, list):
+                theirs = []
+        except (errors.UpstreamFailure, ValueError, KeyError, TypeError):
+            theirs = []
+        known = {alias["id"] for alias in aliases}
+        data = aliases + [m for m in theirs if isinstance(m, dict) and m.get("id") not in known]
+        return json_response({"object": "list", "data": data})
 
     def _health(self, config: ProviderConfig) -> dict[str, Any]:
         return {
@@ -168,19 +197,26 @@ class App:
     # --- the proxy -------------------------------------------------------------------------
 
     def _proxy(
-        self, request: Inbound, ctx: RequestContext, config: ProviderConfig, endpoint: Endpoint
+        self, request: Inbound, ctx: RequestContext, config: ProviderConfig, match: routes.Match
     ) -> Response:
+        upstream_response = self._forward(request, ctx, config, match)
+        return self._respond(ctx, match.endpoint, upstream_response)
+
+    def _forward(
+        self, request: Inbound, ctx: RequestContext, config: ProviderConfig, match: routes.Match
+    ) -> httpx.Response:
+        """Admit the request, read its body, and send it upstream; the answer is unread."""
+        endpoint = match.endpoint
         upstream_key = self._authorize(request.key)
         self._rate_limit(ctx, endpoint)
         body = request.read_body(endpoint, config.model_mapping, self.settings.max_body_bytes)
         if body.stream and not endpoint.stream_support:
             raise errors.BadRequest(f"Streaming is not supported on {endpoint.local_path}.")
-        url = forward.upstream_url(config, endpoint, request.query)
+        url = forward.upstream_url(config, endpoint, request.query, match.params)
         headers = forward.upstream_headers(
-            request.headers, config, endpoint, upstream_key, ctx.request_id
+            request.headers, config, endpoint, upstream_key, ctx.request_id, body.content_type
         )
-        upstream_response = self._send(ctx, config, endpoint.method, url, headers, body.data)
-        return self._respond(ctx, endpoint, upstream_response)
+        return self._send(ctx, config, request.method, url, headers, body.data)
 
     def _authorize(self, key: str | None) -> str | None:
         """Check the inbound key if client keys are configured; return the upstream key.
@@ -242,6 +278,8 @@ class App:
         relayed = relayed_response_headers(upstream_response.headers.raw)
         content_type = upstream_response.headers.get("content-type", "")
         if content_type.startswith("text/event-stream"):
+            relayed = [h for h in relayed if h[0].lower() not in ("cache-control",)]
+            relayed += SSE_HEADERS
             relay = SseRelay(
                 upstream_response,
                 endpoint.stream_config.heartbeat_interval_secs,
@@ -271,11 +309,23 @@ class App:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _models(config: ProviderConfig) -> list[dict[str, Any]]:
-    return [
-        {"id": alias, "object": "model", "created": 0, "owned_by": config.name, "target": target}
-        for alias, target in config.model_mapping.items()
-    ]
+def _model(alias: str, config: ProviderConfig) -> dict[str, Any]:
+    return {
+        "id": alias,
+        "object": "model",
+        "created": 0,
+        "owned_by": config.name,
+        "target": config.model_mapping[alias],
+    }
+
+
+def _not_found(path: str) -> errors.RouterError:
+    if path == _REALTIME or path.startswith(_REALTIME + "/"):
+        return errors.NotImplementedHere(
+            "The Realtime API uses WebSockets, which apirouter (a WSGI application) cannot "
+            "carry: connect to the provider directly for /v1/realtime."
+        )
+    return errors.NotFound(f"Unknown path {path[:200]!r}: see the README for the endpoints.")
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from apirouter.headers import HOP_BY_HOP, KEY_HEADERS, SET_BY_CLIENT_LIBRARY
+from apirouter.routes import PLACEHOLDER, RouteTable, placeholders, shape
 
 log = logging.getLogger("apirouter.config")
 
@@ -75,12 +76,14 @@ class StreamConfig:
 class Endpoint:
     """One route. Provider-level fallbacks are settled at parse time, so every field is final."""
 
-    local_path: str
-    upstream_path: str
-    method: str = "POST"
+    local_path: str  # the template, e.g. /v1/files/{id}: also the route label
+    upstream_path: str  # may use the template's placeholders
+    methods: tuple[str, ...] = ("POST",)
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_support: bool = True
     requires_multipart: bool = False
+    requires_model: bool = True
+    max_body_bytes: int | None = None  # None: APIROUTER_MAX_BODY_BYTES applies
     rate_limit: RateLimit | None = None  # None: the environment's default applies
     stream_config: StreamConfig = StreamConfig()
     key_header: str = "authorization"
@@ -99,20 +102,49 @@ class ProviderConfig:
     def upstream_host(self) -> str:
         return urlsplit(self.base_url).hostname or ""
 
+    @cached_property
+    def routes(self) -> RouteTable:
+        return RouteTable(self.endpoints)
+
 
 # The routes every provider serves unless its config says otherwise. Upstream paths are
 # relative to baseUrl, which carries the provider's OpenAI-compatible prefix (/v1,
 # /compatible-mode/v1, /v1beta/openai...).
+# The default upstream path is the local one without its /v1 prefix. Routes whose body has
+# no `model` (files, batches, cancels) or an optional one (images, moderations) say so.
+_NO_MODEL: dict[str, Any] = {"requiresModel": False}
+_MULTIPART: dict[str, Any] = {"requiresMultipart": True}
 DEFAULT_ENDPOINTS: Mapping[str, dict[str, Any]] = {
-    "/v1/chat/completions": {"upstreamPath": "/chat/completions"},
-    "/v1/completions": {"upstreamPath": "/completions"},
-    "/v1/embeddings": {"upstreamPath": "/embeddings", "streamSupport": False},
-    "/v1/messages": {"upstreamPath": "/messages"},
-    "/v1/audio/transcriptions": {
-        "upstreamPath": "/audio/transcriptions",
-        "requiresMultipart": True,
+    "/v1/chat/completions": {},
+    "/v1/completions": {},
+    "/v1/embeddings": {"streamSupport": False},
+    "/v1/messages": {},
+    "/v1/messages/count_tokens": {"streamSupport": False},
+    "/v1/responses": _NO_MODEL,
+    "/v1/responses/{id}": {"methods": ["GET", "DELETE"]},
+    "/v1/responses/{id}/cancel": _NO_MODEL,
+    "/v1/responses/{id}/input_items": {"methods": ["GET"]},
+    "/v1/models": {"methods": ["GET"]},
+    "/v1/models/{model}": {"methods": ["GET"]},
+    "/v1/audio/transcriptions": _MULTIPART,
+    "/v1/audio/translations": _MULTIPART,
+    "/v1/audio/speech": {"streamSupport": False},
+    "/v1/images/generations": {**_NO_MODEL, "streamSupport": False},
+    "/v1/images/edits": {**_NO_MODEL, **_MULTIPART},
+    "/v1/images/variations": {**_NO_MODEL, **_MULTIPART},
+    "/v1/moderations": {**_NO_MODEL, "streamSupport": False},
+    # OpenAI accepts uploads of up to 512 MB; they are streamed, never held in memory.
+    "/v1/files": {
+        "methods": ["POST", "GET"],
+        **_NO_MODEL,
+        **_MULTIPART,
+        "maxBodyBytes": 512 * 1024 * 1024,
     },
-    "/v1/audio/translations": {"upstreamPath": "/audio/translations", "requiresMultipart": True},
+    "/v1/files/{id}": {"methods": ["GET", "DELETE"]},
+    "/v1/files/{id}/content": {"methods": ["GET"]},
+    "/v1/batches": {"methods": ["POST", "GET"], **_NO_MODEL},
+    "/v1/batches/{id}": {"methods": ["GET"]},
+    "/v1/batches/{id}/cancel": _NO_MODEL,
 }
 
 
@@ -346,6 +378,42 @@ def _method(value: Any, path: str, problems: Problems) -> str | None:
     return value.upper()
 
 
+def _methods(value: Any, path: str, problems: Problems) -> list[str] | None:
+    if not isinstance(value, list) or not value:
+        problems.append(Problem(path, f"must be a non-empty array of: {', '.join(METHODS)}"))
+        return None
+    methods = [_method(item, f"{path}[{i}]", problems) for i, item in enumerate(value)]
+    if None in methods:
+        return None
+    if len(set(methods)) != len(methods):
+        problems.append(Problem(path, "lists a method twice"))
+        return None
+    return [m for m in methods if m is not None]
+
+
+def _template(value: Any, path: str, problems: Problems) -> str | None:
+    """A local path, whose segments may be placeholders such as ``{id}``."""
+    text = _path(value, path, problems)
+    if text is None:
+        return None
+    names = placeholders(text)
+    leftover = PLACEHOLDER.sub("", text)
+    segments = text.split("/")[1:]
+    if (
+        "{" in leftover
+        or "}" in leftover
+        or any(PLACEHOLDER.search(seg) and not PLACEHOLDER.fullmatch(seg) for seg in segments)
+    ):
+        problems.append(
+            Problem(path, "a placeholder must be a whole segment, like /v1/files/{id}/content")
+        )
+        return None
+    if len(set(names)) != len(names):
+        problems.append(Problem(path, "uses the same placeholder twice"))
+        return None
+    return text
+
+
 def _path(value: Any, path: str, problems: Problems) -> str | None:
     text = _string(value, path, problems)
     if text is not None and (not text.startswith("/") or any(c in text for c in "?#\r\n ")):
@@ -378,11 +446,15 @@ def _stream_config(value: Any, path: str, problems: Problems) -> StreamConfig | 
 
 
 _ENDPOINT_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
-    "upstreamPath": _path,
+    "upstreamPath": _template,
     "method": _method,
+    "methods": _methods,
+    "enabled": _boolean,
     "headers": _headers,
     "streamSupport": _boolean,
     "requiresMultipart": _boolean,
+    "requiresModel": _boolean,
+    "maxBodyBytes": _int_range(1, 1 << 40),
     "rateLimit": _rate_limit,
     "streamConfig": _stream_config,
     "keyHeader": _key_header,
@@ -394,13 +466,32 @@ def _endpoints(value: Any, path: str, problems: Problems) -> dict[str, dict[str,
         problems.append(Problem(path, f"must be an object keyed by local path, not {_kind(value)}"))
         return None
     endpoints = {}
+    shapes = {shape(template): template for template in DEFAULT_ENDPOINTS}
     for local_path, spec in value.items():
         where = _child(path, local_path)
-        if _path(local_path, where, problems) is None:
+        if _template(local_path, where, problems) is None:
             continue
         parsed = _object(spec, where, problems, _ENDPOINT_FIELDS)
-        if parsed is not None:
-            endpoints[local_path] = parsed
+        if parsed is None:
+            continue
+        same = shapes.setdefault(shape(local_path), local_path)
+        if same != local_path:
+            problems.append(
+                Problem(where, f"matches the same paths as {same}", f"use {same} to refine it")
+            )
+        if "method" in parsed and "methods" in parsed:
+            problems.append(Problem(where, "give method or methods, not both"))
+        upstream = parsed.get("upstreamPath") or ""
+        unknown = set(placeholders(upstream)) - set(placeholders(local_path))
+        if unknown:
+            problems.append(
+                Problem(
+                    _child(where, "upstreamPath"),
+                    f"uses {', '.join('{' + n + '}' for n in sorted(unknown))}, "
+                    f"which {local_path} does not have",
+                )
+            )
+        endpoints[local_path] = parsed
     return endpoints
 
 
@@ -442,6 +533,7 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
     endpoints = {
         local: _endpoint(local, spec, provider_defaults)
         for local, spec in {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}.items()
+        if spec.get("enabled", True)
     }
     return ProviderConfig(
         name=name,
@@ -455,7 +547,13 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
 
 def _merged(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Config endpoints refine the default ones field by field, or add new local paths."""
-    return {path: {**DEFAULT_ENDPOINTS.get(path, {}), **spec} for path, spec in overrides.items()}
+    merged = {}
+    for path, spec in overrides.items():
+        default = dict(DEFAULT_ENDPOINTS.get(path, {}))
+        if "method" in spec:  # a route's own `method` replaces the built-in `methods`
+            default.pop("methods", None)
+        merged[path] = {**default, **spec}
+    return merged
 
 
 def _endpoint(local_path: str, spec: dict[str, Any], defaults: dict[str, Any]) -> Endpoint:
@@ -464,10 +562,12 @@ def _endpoint(local_path: str, spec: dict[str, Any], defaults: dict[str, Any]) -
     return Endpoint(
         local_path=local_path,
         upstream_path=spec.get("upstreamPath") or local_path.removeprefix("/v1"),
-        method=spec.get("method", "POST"),
+        methods=tuple(spec.get("methods") or [spec.get("method", "POST")]),
         headers=spec.get("headers", MappingProxyType({})),
         stream_support=spec.get("streamSupport", True),
         requires_multipart=spec.get("requiresMultipart", False),
+        requires_model=spec.get("requiresModel", True),
+        max_body_bytes=spec.get("maxBodyBytes"),
         rate_limit=spec["rateLimit"],
         stream_config=spec["streamConfig"],
         key_header=spec["keyHeader"],

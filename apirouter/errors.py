@@ -16,7 +16,8 @@ keeps its own mapping table.
     │   ├── PayloadTooLarge             413
     │   ├── URITooLong                  414
     │   ├── UnsupportedMediaType        415
-    │   └── RateLimited                 429 (carries Retry-After)
+    │   ├── RateLimited                 429 (carries Retry-After)
+    │   └── NotImplementedHere          501 a route WSGI cannot carry (the Realtime API)
     ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
     ├── ServerError                     ours: 500, reported
     │   ├── ConfigError                 the provider config cannot serve this request
@@ -129,6 +130,13 @@ class RateLimited(ClientError):
 
     def response_headers(self) -> list[tuple[str, str]]:
         return [("Retry-After", str(self.retry_after_seconds))]
+
+
+class NotImplementedHere(ClientError):
+    """The client asked for something apirouter cannot carry: not a fault, not reported."""
+
+    status = 501
+    error_type = "not_implemented"
 
 
 class ClientDisconnected(RouterError):

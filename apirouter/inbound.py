@@ -28,13 +28,15 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 @dataclass(frozen=True)
 class Body:
-    """A request body after validation: the bytes to send, and whether it asks to stream."""
+    """A request body after validation: the bytes to send, whether it asks to stream, and
+    the Content-Type the upstream must see (None: no body, send none)."""
 
     data: bytes
     stream: bool
+    content_type: str | None = JSON
 
 
-EMPTY = Body(b"", False)
+EMPTY = Body(b"", False, None)
 
 
 @dataclass(frozen=True)
@@ -51,18 +53,25 @@ class Inbound:
     environ: Mapping[str, Any]
 
     def read_body(self, endpoint: Endpoint, mapping: Mapping[str, str], limit: int) -> Body:
-        """Read and validate the body this endpoint expects, mapping its ``model``."""
-        if endpoint.method in ("GET", "DELETE"):
+        """Read and validate the body this endpoint expects, mapping its ``model``.
+
+        GET, DELETE and HEAD carry no body. A POST without one (``/cancel``) is accepted
+        where the route needs no ``model``. ``limit`` applies unless the route sets its own.
+        """
+        if self.method in ("GET", "DELETE", "HEAD"):
             return EMPTY
         content_type = self.headers.get("content-type", "")
         media_type = content_type.partition(";")[0].strip().lower()
+        raw = read_limited(self.environ, endpoint.max_body_bytes or limit)
+        if not raw and not endpoint.requires_model:
+            return EMPTY
         if endpoint.requires_multipart:
             if media_type != "multipart/form-data":
                 raise _wrong_media_type(endpoint, "multipart/form-data", media_type)
-            return multipart_body(read_limited(self.environ, limit), content_type, mapping)
+            return multipart_body(raw, content_type, mapping, required=endpoint.requires_model)
         if media_type != JSON and not media_type.endswith("+json"):
             raise _wrong_media_type(endpoint, JSON, media_type)
-        return json_body(read_limited(self.environ, limit), mapping)
+        return json_body(raw, mapping, required=endpoint.requires_model)
 
 
 def parse(environ: Mapping[str, Any], route: str) -> Inbound:
@@ -132,7 +141,7 @@ def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.Rou
     )
 
 
-def json_body(raw: bytes, mapping: Mapping[str, str]) -> Body:
+def json_body(raw: bytes, mapping: Mapping[str, str], *, required: bool = True) -> Body:
     """Validate a JSON request body and map its model; every other byte is untouched.
 
     The mapped model is spliced into the original text rather than re-serialising the
@@ -146,12 +155,14 @@ def json_body(raw: bytes, mapping: Mapping[str, str]) -> Body:
     except UnicodeDecodeError:
         raise errors.InvalidJSON("Request body is not UTF-8 encoded JSON.") from None
     members = _top_level_members(text)
+    stream = members.get("stream", (None, 0, 0))[0] is True
     if "model" not in members:
+        if not required:
+            return Body(raw, stream)
         raise errors.BadRequest("Request body is missing the required 'model' field.")
     model, start, end = members["model"]
     if not isinstance(model, str) or not model.strip():
         raise errors.BadRequest("'model' must be a non-empty string.")
-    stream = members.get("stream", (None, 0, 0))[0] is True
     target = mapping.get(model)
     if target is None:
         return Body(raw, stream)
@@ -229,7 +240,9 @@ def _end_of_document(text: str, position: int, members: dict[str, Member]) -> di
 _MODEL_PART = re.compile(rb'content-disposition:[^\r\n]*\bname="model"', re.IGNORECASE)
 
 
-def multipart_body(raw: bytes, content_type: str, mapping: Mapping[str, str]) -> Body:
+def multipart_body(
+    raw: bytes, content_type: str, mapping: Mapping[str, str], *, required: bool = True
+) -> Body:
     """Find the ``model`` form field of a multipart body and map it, byte-preserving."""
     boundary = _boundary(content_type)
     delimiter = b"--" + boundary.encode("latin-1")
@@ -245,9 +258,11 @@ def multipart_body(raw: bytes, content_type: str, mapping: Mapping[str, str]) ->
             break
         target = mapping.get(model)
         if target is None:
-            return Body(raw, False)
+            return Body(raw, False, content_type)
         parts[index] = head + separator + target.encode() + b"\r\n"
-        return Body(delimiter.join(parts), False)
+        return Body(delimiter.join(parts), False, content_type)
+    if not required:
+        return Body(raw, False, content_type)
     raise errors.BadRequest("Multipart body is missing the required 'model' form field.")
 
 

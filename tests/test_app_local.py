@@ -102,7 +102,7 @@ def test_unknown_route_is_404_and_wrong_method_is_405(router):
     assert_openai_error(response, 405, "method_not_allowed", "use POST")
     assert response.headers["Allow"] == "POST"
     response = httpx.post(router.url + "/health")
-    assert response.status_code == 405 and response.headers["Allow"] == "GET"
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
 
 
 def test_rate_limit_429_with_retry_after(make_router, httpserver):
