@@ -1,10 +1,12 @@
 """The upstream failure tracker: decides *when* to alert, never *how*.
 
-Per provider, a sliding window of failure times. When the failures in the last ``window``
-seconds reach ``threshold``, an ``Alert`` is returned, at most once per ``throttle`` seconds
-per provider; the first success after an alert returns a ``Recovery``. The caller emits
-them (log line, metric, Sentry event). Thread-safe; the clock is injected so tests of
-windows and throttles never sleep; memory is bounded per provider.
+Per upstream (key ``provider/upstream``), a sliding window of failure times. When the
+failures in the last ``window`` seconds reach ``threshold``, an ``Alert`` is returned, at
+most once per ``throttle`` seconds per upstream; the first success after an alert returns a
+``Recovery``. The caller emits them (log line, metric, Sentry event), and the same window
+decides when the upstream is cooled down (``over_threshold``). With one upstream this is
+exactly the per-provider alert it always was. Thread-safe; the clock is injected so tests
+of windows and throttles never sleep; memory is bounded per upstream.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ class Failure:
     request_id: str
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """``provider/upstream`` (a bare provider name means its only upstream)."""
+    provider, _, upstream = key.partition("/")
+    return provider, upstream or provider
+
+
 @dataclass(frozen=True)
 class Alert:
     provider: str
+    upstream: str
     count: int
     threshold: int
     window_seconds: float
@@ -43,6 +52,7 @@ class Alert:
 @dataclass(frozen=True)
 class Recovery:
     provider: str
+    upstream: str
     failures_since_alert: int
     alert_type: str = RECOVERED
 
@@ -71,10 +81,10 @@ class FailureTracker:
         self._states: dict[str, _ProviderState] = {}
         self._lock = threading.Lock()
 
-    def record_failure(self, provider: str, failure: Failure) -> Alert | None:
+    def record_failure(self, key: str, failure: Failure) -> Alert | None:
         now = self._clock()
         with self._lock:
-            state = self._states.setdefault(provider, _ProviderState())
+            state = self._states.setdefault(key, _ProviderState())
             state.times.append(now)
             state.recent.append(failure)
             while state.times and state.times[0] <= now - self.window_seconds:
@@ -86,8 +96,10 @@ class FailureTracker:
             state.last_alert_at = now
             state.alerting = True
             state.failures_since_alert = 0
+            provider, upstream = split_key(key)
             return Alert(
                 provider=provider,
+                upstream=upstream,
                 count=len(state.times),
                 threshold=self.threshold,
                 window_seconds=self.window_seconds,
@@ -96,8 +108,17 @@ class FailureTracker:
                 sample_request_ids=tuple(f.request_id for f in state.recent),
             )
 
-    def record_success(self, provider: str) -> Recovery | None:
-        state = self._states.get(provider)
+    def over_threshold(self, key: str) -> bool:
+        """Did the window reach the threshold (whether or not an alert was throttled)?"""
+        state = self._states.get(key)
+        if state is None:
+            return False
+        with self._lock:
+            horizon = self._clock() - self.window_seconds
+            return sum(1 for t in state.times if t > horizon) >= self.threshold
+
+    def record_success(self, key: str) -> Recovery | None:
+        state = self._states.get(key)
         if state is None or not state.alerting:  # the common path takes no lock
             return None
         with self._lock:
@@ -105,7 +126,7 @@ class FailureTracker:
                 return None
             state.alerting = False
             state.times.clear()
-            return Recovery(provider, state.failures_since_alert)
+            return Recovery(*split_key(key), state.failures_since_alert)
 
     def _throttled(self, state: _ProviderState, now: float) -> bool:
         return state.last_alert_at is not None and now - state.last_alert_at < self.throttle_seconds

@@ -19,7 +19,8 @@ from urllib.parse import unquote
 
 import httpx
 
-from apirouter import __version__, errors, forward, inbound, routes
+from apirouter import __version__, errors, inbound, routes
+from apirouter.attempts import Attempts, Sent
 from apirouter.config import (
     ConfigStore,
     Endpoint,
@@ -87,6 +88,10 @@ class App:
         self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
         self.limiter = RateLimiter(clock=clock)
         self.metrics = self.reporter.metrics
+        self.attempts = Attempts(
+            self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
+        )
+        self.reporter.watch_upstreams(config)
         self.metrics.track_bucket_count(lambda: len(self.limiter))
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 
@@ -170,6 +175,7 @@ class App:
         aliases = [_model(alias, config) for alias in config.model_mapping]
         try:
             upstream_response = self._forward(request, ctx, config, routes.Match(endpoint, {}))
+            upstream_response = upstream_response.response
             try:
                 listed = json.loads(b"".join(iter_raw(upstream_response)))
             finally:
@@ -199,24 +205,22 @@ class App:
     def _proxy(
         self, request: Inbound, ctx: RequestContext, config: ProviderConfig, match: routes.Match
     ) -> Response:
-        upstream_response = self._forward(request, ctx, config, match)
-        return self._respond(ctx, match.endpoint, upstream_response)
+        sent = self._forward(request, ctx, config, match)
+        response = self._respond(
+            ctx, sent.target.provider.endpoints[match.endpoint.local_path], sent.response
+        )
+        response.headers.append(("X-Apirouter-Upstream", sent.target.label))
+        return response
 
     def _forward(
         self, request: Inbound, ctx: RequestContext, config: ProviderConfig, match: routes.Match
-    ) -> httpx.Response:
-        """Admit the request, read its body, and send it upstream; the answer is unread."""
-        endpoint = match.endpoint
-        upstream_key = self._authorize(request.key)
-        self._rate_limit(ctx, endpoint)
-        body = request.read_body(endpoint, config.model_mapping, self.settings.max_body_bytes)
-        if body.stream and not endpoint.stream_support:
-            raise errors.BadRequest(f"Streaming is not supported on {endpoint.local_path}.")
-        url = forward.upstream_url(config, endpoint, request.query, match.params)
-        headers = forward.upstream_headers(
-            request.headers, config, endpoint, upstream_key, ctx.request_id, body.content_type
+    ) -> Sent:
+        """Admit the request, then send it upstream (retrying, falling back); unread answer."""
+        client_key = self._authorize(request.key)
+        self._rate_limit(ctx, match.endpoint)
+        return self.attempts.send(
+            request, ctx, config, match, client_key, self.settings.max_body_bytes
         )
-        return self._send(ctx, config, request.method, url, headers, body.data)
 
     def _authorize(self, key: str | None) -> str | None:
         """Check the inbound key if client keys are configured; return the upstream key.
@@ -247,23 +251,6 @@ class App:
                 f"exceeded for {who} on {ctx.route}; retry in {wait}s.",
                 wait,
             )
-
-    def _send(
-        self,
-        ctx: RequestContext,
-        config: ProviderConfig,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        body: bytes,
-    ) -> httpx.Response:
-        ctx.upstream_url = url.partition("?")[0]
-        ctx.upstream_host = config.upstream_host
-        sent_at = self.clock()
-        upstream_response = self.upstream.send(method, url, headers, body)
-        ctx.upstream_seconds = self.clock() - sent_at
-        ctx.upstream_status = upstream_response.status_code
-        return upstream_response
 
     def _respond(
         self, ctx: RequestContext, endpoint: Endpoint, upstream_response: httpx.Response

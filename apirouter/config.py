@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -90,17 +90,63 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
-class ProviderConfig:
+class UpstreamSpec:
+    """One server of a provider. Its key, if any, comes from the environment at run time."""
+
     name: str
     base_url: str
+    api_key_env: str | None = None
+    weight: int = 1
+
+    @cached_property  # read on every request: parse the URL once
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+
+RETRY_REASONS = ("connect", "timeout", "5xx", "429")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 2
+    retry_on: frozenset[str] = frozenset(RETRY_REASONS)
+    budget_seconds: float | None = None
+    first_byte_timeout_secs: float | None = None
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    initial_secs: float = 30.0
+    max_secs: float = 300.0
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str = "/models"
+    interval_secs: float = 30.0
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    upstreams: tuple[UpstreamSpec, ...]
     headers: Mapping[str, str]
     model_mapping: Mapping[str, str]
     endpoints: Mapping[str, Endpoint]  # provider-level settings already folded in
     port: int
+    retry: RetryPolicy = RetryPolicy()
+    cooldown: Cooldown = Cooldown()
+    health_check: HealthCheck | None = None
+    fallbacks: tuple[ProviderConfig, ...] = ()  # in order; their own fallbacks are not followed
 
-    @cached_property  # read on every request: parse the URL once
+    @property
+    def base_url(self) -> str:
+        """The first upstream's base URL (the one stateful routes stay on)."""
+        return self.upstreams[0].base_url
+
+    @property
     def upstream_host(self) -> str:
-        return urlsplit(self.base_url).hostname or ""
+        return self.upstreams[0].host
 
     @cached_property
     def routes(self) -> RouteTable:
@@ -156,7 +202,7 @@ def shipped_providers() -> list[str]:
     )
 
 
-def load(target: str | None) -> ProviderConfig:
+def load(target: str | None, *, follow_fallbacks: bool = True) -> ProviderConfig:
     """Load a shipped provider by name, or a config file by path.
 
     An unknown name is an error listing the valid names: the older router silently fell
@@ -169,7 +215,7 @@ def load(target: str | None) -> ProviderConfig:
         return parse(text, source=f"provider '{target}'", default_name=target)
     path = Path(target)
     if path.suffix == ".json" or "/" in target or path.exists():
-        return load_file(path)
+        return load_file(path, follow_fallbacks=follow_fallbacks)
     raise ConfigInvalid(
         f"provider '{target}'",
         [
@@ -182,7 +228,7 @@ def load(target: str | None) -> ProviderConfig:
     )
 
 
-def load_file(path: Path) -> ProviderConfig:
+def load_file(path: Path, *, follow_fallbacks: bool = True) -> ProviderConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -191,7 +237,13 @@ def load_file(path: Path) -> ProviderConfig:
         ) from None
     except UnicodeDecodeError:
         raise ConfigInvalid(str(path), [Problem("$", "file is not UTF-8 text")]) from None
-    return parse(text, source=str(path), default_name=_name_from_path(path))
+    return parse(
+        text,
+        source=str(path),
+        default_name=_name_from_path(path),
+        base_dir=path.parent if follow_fallbacks else None,
+        follow_fallbacks=follow_fallbacks,
+    )
 
 
 def _name_from_path(path: Path) -> str:
@@ -199,7 +251,14 @@ def _name_from_path(path: Path) -> str:
     return name[:63]
 
 
-def parse(text: str, source: str, default_name: str = "custom") -> ProviderConfig:
+def parse(
+    text: str,
+    source: str,
+    default_name: str = "custom",
+    *,
+    base_dir: Path | None = None,
+    follow_fallbacks: bool = True,
+) -> ProviderConfig:
     """Parse and validate config JSON text; raise ConfigInvalid with every problem."""
     try:
         document = json.loads(text)
@@ -213,7 +272,9 @@ def parse(text: str, source: str, default_name: str = "custom") -> ProviderConfi
         )
         raise ConfigInvalid(source, [problem]) from None
     problems: list[Problem] = []
-    config = _provider(document, problems, default_name)
+    if not follow_fallbacks and isinstance(document, dict):
+        document = {k: v for k, v in document.items() if k != "fallbacks"}
+    config = _provider(document, problems, default_name, base_dir)
     if problems or config is None:
         raise ConfigInvalid(source, problems)
     return config
@@ -495,9 +556,153 @@ def _endpoints(value: Any, path: str, problems: Problems) -> dict[str, dict[str,
     return endpoints
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: Any, path: str, problems: Problems) -> str | None:
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        problems.append(
+            Problem(
+                path,
+                "must be the name of an environment variable, e.g. OPENAI_API_KEY",
+                "keys never go in config files: put the key in the environment",
+            )
+        )
+        return None
+    return value
+
+
+def _label(value: Any, path: str, problems: Problems) -> str | None:
+    if not isinstance(value, str) or not _NAME.match(value):
+        problems.append(
+            Problem(path, "must be lowercase letters, digits, '.', '_' or '-' (a metrics label)")
+        )
+        return None
+    return value
+
+
+def _required(
+    value: Any, path: str, problems: Problems, parsed: dict[str, Any] | None, keys: tuple[str, ...]
+) -> bool:
+    missing = [k for k in keys if isinstance(value, dict) and k not in value]
+    for key in missing:
+        problems.append(Problem(_child(path, key), "is required"))
+    return parsed is not None and not missing and None not in parsed.values()
+
+
+_UPSTREAM_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
+    "name": _label,
+    "baseUrl": _base_url,
+    "apiKeyEnv": _env_name,
+    "weight": _int_range(1, 1000),
+}
+
+
+def _upstreams(value: Any, path: str, problems: Problems) -> list[UpstreamSpec] | None:
+    if not isinstance(value, list) or not value:
+        problems.append(Problem(path, "must be a non-empty array of {baseUrl, ...} objects"))
+        return None
+    specs = []
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        parsed = _object(item, where, problems, _UPSTREAM_FIELDS)
+        if _required(item, where, problems, parsed, ("baseUrl",)) and parsed is not None:
+            specs.append(parsed)
+    if len(specs) != len(value):
+        return None
+    hosts = [urlsplit(spec["baseUrl"]).hostname or "" for spec in specs]
+    upstreams = [
+        UpstreamSpec(
+            name=spec.get("name") or (host if hosts.count(host) == 1 else str(index)),
+            base_url=spec["baseUrl"],
+            api_key_env=spec.get("apiKeyEnv"),
+            weight=spec.get("weight", 1),
+        )
+        for index, (spec, host) in enumerate(zip(specs, hosts, strict=True))
+    ]
+    names = [u.name for u in upstreams]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(Problem(path, f"two upstreams are named '{name}'", "names must differ"))
+    return upstreams
+
+
+def _retry_on(value: Any, path: str, problems: Problems) -> frozenset[str] | None:
+    if not isinstance(value, list) or any(item not in RETRY_REASONS for item in value):
+        problems.append(Problem(path, f"must be an array of: {', '.join(RETRY_REASONS)}"))
+        return None
+    return frozenset(value)
+
+
+def _retry(value: Any, path: str, problems: Problems) -> RetryPolicy | None:
+    fields = {
+        "maxAttempts": _int_range(1, 10),
+        "retryOn": _retry_on,
+        "budgetSeconds": _seconds,
+        "firstByteTimeoutSecs": _seconds,
+    }
+    parsed = _object(value, path, problems, fields)
+    if parsed is None or None in parsed.values():
+        return None
+    return RetryPolicy(
+        max_attempts=parsed.get("maxAttempts", 2),
+        retry_on=parsed.get("retryOn", frozenset(RETRY_REASONS)),
+        budget_seconds=parsed.get("budgetSeconds"),
+        first_byte_timeout_secs=parsed.get("firstByteTimeoutSecs"),
+    )
+
+
+def _cooldown(value: Any, path: str, problems: Problems) -> Cooldown | None:
+    parsed = _object(value, path, problems, {"initialSecs": _seconds, "maxSecs": _seconds})
+    if parsed is None or None in parsed.values():
+        return None
+    cooldown = Cooldown(parsed.get("initialSecs", 30.0), parsed.get("maxSecs", 300.0))
+    if cooldown.initial_secs > cooldown.max_secs:
+        problems.append(Problem(path, "initialSecs must not be greater than maxSecs"))
+        return None
+    return cooldown
+
+
+def _health_check(value: Any, path: str, problems: Problems) -> HealthCheck | None:
+    parsed = _object(value, path, problems, {"path": _path, "intervalSecs": _seconds})
+    if parsed is None or None in parsed.values():
+        return None
+    return HealthCheck(parsed.get("path", "/models"), parsed.get("intervalSecs", 30.0))
+
+
+_FALLBACK_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
+    "provider": _string,
+    "config": _string,
+    "apiKeyEnv": _env_name,
+    "modelMapping": _model_mapping,
+}
+
+
+def _fallbacks(value: Any, path: str, problems: Problems) -> list[dict[str, Any]] | None:
+    """Fallback entries, checked here and loaded once the whole config has parsed."""
+    if not isinstance(value, list):
+        problems.append(Problem(path, 'must be an array of {"provider": NAME} or {"config": PATH}'))
+        return None
+    entries = []
+    for index, item in enumerate(value):
+        where = f"{path}[{index}]"
+        parsed = _object(item, where, problems, _FALLBACK_FIELDS)
+        if parsed is None:
+            continue
+        if ("provider" in parsed) == ("config" in parsed):
+            problems.append(Problem(where, "give provider (a shipped name) or config (a path)"))
+            continue
+        entries.append({**parsed, "where": where})
+    return entries
+
+
 _PROVIDER_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "name": _string,
     "baseUrl": _base_url,
+    "upstreams": _upstreams,
+    "retry": _retry,
+    "cooldown": _cooldown,
+    "healthCheck": _health_check,
+    "fallbacks": _fallbacks,
     "headers": _headers,
     "modelMapping": _model_mapping,
     "keyHeader": _key_header,
@@ -508,11 +713,15 @@ _PROVIDER_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
 }
 
 
-def _provider(document: Any, problems: Problems, default_name: str) -> ProviderConfig | None:
+def _provider(
+    document: Any, problems: Problems, default_name: str, base_dir: Path | None
+) -> ProviderConfig | None:
     parsed = _object(document, "$", problems, _PROVIDER_FIELDS)
     if parsed is None:
         return None
-    if "baseUrl" not in document:
+    if "baseUrl" in document and "upstreams" in document:
+        problems.append(Problem("$.upstreams", "give baseUrl or upstreams, not both"))
+    elif "baseUrl" not in document and "upstreams" not in document:
         problems.append(Problem("$.baseUrl", "is required", "e.g. https://api.openai.com/v1"))
     name = parsed.get("name") or default_name
     if not _NAME.match(name):
@@ -535,14 +744,66 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
         for local, spec in {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}.items()
         if spec.get("enabled", True)
     }
+    base_url = parsed.get("baseUrl")
+    upstreams = parsed.get("upstreams") or [
+        UpstreamSpec(urlsplit(base_url).hostname or "0", base_url)
+    ]
+    fallbacks = tuple(
+        fallback
+        for entry in parsed.get("fallbacks", [])
+        if (fallback := _load_fallback(entry, name, base_dir, problems)) is not None
+    )
+    if problems:
+        return None
     return ProviderConfig(
         name=name,
-        base_url=parsed["baseUrl"],
+        upstreams=tuple(upstreams),
         headers=parsed.get("headers", MappingProxyType({})),
         model_mapping=parsed.get("modelMapping", MappingProxyType({})),
         endpoints=MappingProxyType(endpoints),
         port=parsed.get("port", DEFAULT_PORT),
+        retry=parsed.get("retry") or RetryPolicy(),
+        cooldown=parsed.get("cooldown") or Cooldown(),
+        health_check=parsed.get("healthCheck"),
+        fallbacks=fallbacks,
     )
+
+
+def _load_fallback(
+    entry: dict[str, Any], primary: str, base_dir: Path | None, problems: Problems
+) -> ProviderConfig | None:
+    """Load one fallback provider with the entry's overrides; its own fallbacks are not
+    followed, so fallback configs can never loop."""
+    where = entry["where"]
+    target = entry.get("provider") or str((base_dir or Path()) / entry["config"])
+    if "provider" in entry and target not in shipped_providers():
+        problems.append(
+            Problem(f"{where}.provider", f"unknown provider '{target}'", "or use config: PATH")
+        )
+        return None
+    try:
+        config = load(target, follow_fallbacks=False)
+    except ConfigInvalid as exc:
+        details = "; ".join(f"{p.path}: {p.message}" for p in exc.problems[:3])
+        problems.append(Problem(where, f"cannot load {exc.source}: {details}"))
+        return None
+    if "apiKeyEnv" in entry:
+        upstreams = tuple(replace(u, api_key_env=entry["apiKeyEnv"]) for u in config.upstreams)
+        config = replace(config, upstreams=upstreams)
+    if "modelMapping" in entry:
+        config = replace(config, model_mapping=entry["modelMapping"])
+    if config.name == primary:
+        problems.append(Problem(where, f"falls back to '{primary}' itself", "rename one of them"))
+    if any(u.api_key_env is None for u in config.upstreams):
+        problems.append(
+            Problem(
+                where,
+                f"fallback '{config.name}' needs an operator key: a client's key belongs "
+                "to one provider",
+                'add "apiKeyEnv": "NAME_OF_THE_VARIABLE_HOLDING_ITS_KEY"',
+            )
+        )
+    return replace(config, fallbacks=())
 
 
 def _merged(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -6,9 +6,13 @@ failure tracker all read that same record, so they cannot disagree about what ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from apirouter.errors import RouterError
+
+if TYPE_CHECKING:
+    from apirouter.breakers import Target
 
 
 @dataclass
@@ -16,9 +20,11 @@ class RequestContext:
     request_id: str
     method: str
     route: str  # a known route, or "other": safe as a metrics label
-    provider: str
+    provider: str  # the provider that served: the configured one, or a fallback
     key_label: str  # anonymized client key, or "anonymous"
     start: float
+    target: Target | None = None  # the upstream of the last attempt
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier, retried attempts
     upstream_host: str = ""
     upstream_url: str = ""  # without query string
     upstream_status: int | None = None

@@ -19,6 +19,7 @@ keeps its own mapping table.
     │   ├── RateLimited                 429 (carries Retry-After)
     │   └── NotImplementedHere          501 a route WSGI cannot carry (the Realtime API)
     ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
+    ├── NoHealthyUpstream               503 every upstream and fallback is cooling down
     ├── ServerError                     ours: 500, reported
     │   ├── ConfigError                 the provider config cannot serve this request
     │   └── InternalError               an unhandled exception
@@ -146,6 +147,22 @@ class ClientDisconnected(RouterError):
     error_type = "client_disconnected"
     sentry_level = "info"
     reported = False
+
+
+class NoHealthyUpstream(RouterError):
+    """Every upstream (and fallback) is cooling down: refused at once, with no doomed
+    connection. Not an upstream failure itself: no attempt was made."""
+
+    status = 503
+    error_type = "no_healthy_upstream"
+    sentry_level = "warning"
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after_seconds))]
 
 
 class ServerError(RouterError):

@@ -19,13 +19,12 @@ _QUERY_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 
 def upstream_url(
-    config: ProviderConfig, endpoint: Endpoint, query: str, params: Mapping[str, str] | None = None
+    base_url: str, endpoint: Endpoint, query: str, params: Mapping[str, str] | None = None
 ) -> str:
     """Join baseUrl and the upstream path (placeholders filled with the raw segments the
     client sent) without dropping baseUrl's own path prefix."""
-    url = config.base_url + (
-        fill(endpoint.upstream_path, params) if params else endpoint.upstream_path
-    )
+    path = fill(endpoint.upstream_path, params) if params else endpoint.upstream_path
+    url = base_url + path
     if not query:
         return url
     if not query.isprintable() or not query.isascii() or " " in query:

@@ -16,7 +16,7 @@ import json
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from apirouter import errors
@@ -24,6 +24,11 @@ from apirouter.config import Endpoint
 
 JSON = "application/json"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+# Bodies up to this size are read whole and may be sent again by a retry; a larger body
+# is never sent twice.
+REPLAYABLE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,17 @@ class Body:
     data: bytes
     stream: bool
     content_type: str | None = JSON
+    pinned: bool = False  # names an object that lives with one account (previous_response_id)
+
+    @property
+    def replayable(self) -> bool:
+        return len(self.data) <= REPLAYABLE_BYTES
 
 
 EMPTY = Body(b"", False, None)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Inbound:
     """One client request as the router sees it. ``key`` is a secret: never log it."""
 
@@ -51,6 +61,7 @@ class Inbound:
     key: str | None
     request_id: str
     environ: Mapping[str, Any]
+    _raw: bytes | None = field(default=None, repr=False)
 
     def read_body(self, endpoint: Endpoint, mapping: Mapping[str, str], limit: int) -> Body:
         """Read and validate the body this endpoint expects, mapping its ``model``.
@@ -62,7 +73,9 @@ class Inbound:
             return EMPTY
         content_type = self.headers.get("content-type", "")
         media_type = content_type.partition(";")[0].strip().lower()
-        raw = read_limited(self.environ, endpoint.max_body_bytes or limit)
+        if self._raw is None:  # read once; a fallback provider maps the same bytes anew
+            self._raw = read_limited(self.environ, endpoint.max_body_bytes or limit)
+        raw = self._raw
         if not raw and not endpoint.requires_model:
             return EMPTY
         if endpoint.requires_multipart:
@@ -156,18 +169,19 @@ def json_body(raw: bytes, mapping: Mapping[str, str], *, required: bool = True) 
         raise errors.InvalidJSON("Request body is not UTF-8 encoded JSON.") from None
     members = _top_level_members(text)
     stream = members.get("stream", (None, 0, 0))[0] is True
+    pinned = "previous_response_id" in members
     if "model" not in members:
         if not required:
-            return Body(raw, stream)
+            return Body(raw, stream, pinned=pinned)
         raise errors.BadRequest("Request body is missing the required 'model' field.")
     model, start, end = members["model"]
     if not isinstance(model, str) or not model.strip():
         raise errors.BadRequest("'model' must be a non-empty string.")
     target = mapping.get(model)
     if target is None:
-        return Body(raw, stream)
+        return Body(raw, stream, pinned=pinned)
     spliced = text[:start] + json.dumps(target, ensure_ascii=False) + text[end:]
-    return Body(spliced.encode("utf-8"), stream)
+    return Body(spliced.encode("utf-8"), stream, pinned=pinned)
 
 
 _DECODER = json.JSONDecoder()

@@ -66,6 +66,30 @@ class Metrics:
             ["provider", "alert_type"],
             registry=registry,
         )
+        self.upstream_attempts = Counter(
+            "apirouter_upstream_attempts",
+            "Attempts sent upstream, by provider, upstream and outcome (ok, failed, rate_limited).",
+            ["provider", "upstream", "outcome"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "apirouter_retries",
+            "Attempts retried, by provider and reason (connect, timeout, 5xx, 429).",
+            ["provider", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "apirouter_fallbacks",
+            "Requests sent on to a fallback provider.",
+            ["from_provider", "to_provider"],
+            registry=registry,
+        )
+        self.upstream_state = Gauge(
+            "apirouter_upstream_state",
+            "Breaker state per upstream: 0 healthy, 1 cooling down, 2 probing.",
+            ["provider", "upstream"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "apirouter_config_reloads",
             "Config file reloads, by result.",

@@ -18,6 +18,7 @@ from typing import Any
 
 from apirouter import errors, tracking
 from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
+from apirouter.breakers import Breakers, Target
 from apirouter.config import ConfigInvalid, ProviderConfig
 from apirouter.context import Outcome, RequestContext
 from apirouter.logs import access_log, alert_log
@@ -48,6 +49,7 @@ class Reporter:
             settings.alert_throttle_seconds,
             clock=clock,
         )
+        self.breakers = Breakers(clock)
         self._in_flight = 0
         self._lock = threading.Lock()
         self.metrics.in_flight.set_function(lambda: self._in_flight)
@@ -90,15 +92,68 @@ class Reporter:
                 tracking.capture_failure(ctx, error, outcome.status)
                 captured = True
         self._log_access(ctx, outcome, elapsed, captured)
+        if ctx.target is not None:
+            self._last_attempt(ctx, error, outcome.status)
+
+    # --- attempts: failure windows, breakers, alerts -------------------------------------
+
+    def _last_attempt(
+        self, ctx: RequestContext, error: errors.RouterError | None, status: int
+    ) -> None:
+        """The outcome of the attempt that answered the client (earlier ones were retried)."""
+        assert ctx.target is not None
+        target = ctx.target
         if error is not None and error.upstream_failure:
-            failure = Failure(error.error_type, outcome.status, ctx.request_id)
-            alert = self.tracker.record_failure(ctx.provider, failure)
-            if alert is not None:
-                self._alert(alert)
+            self._attempted(target, "failed")
+            self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
+        elif ctx.upstream_status == 429:
+            self._attempted(target, "rate_limited")
+            self.breakers.succeeded(target.key)  # it answered: alive, but not a recovery
         elif ctx.upstream_status is not None:
-            recovery = self.tracker.record_success(ctx.provider)
-            if recovery is not None:
-                self._recovery(recovery)
+            self._attempted(target, "ok")
+            self._upstream_succeeded(target)
+
+    def attempt_retried(
+        self,
+        ctx: RequestContext,
+        target: Target,
+        error: errors.RouterError | None,
+        status: int,
+        reason: str,
+    ) -> None:
+        """An attempt that will be retried: counted, and its failure window and breaker told
+        before the next attempt is chosen. A 429 (``error`` None) is never a failure."""
+        self.metrics.retries.labels(target.provider.name, reason).inc()
+        if error is None:
+            self._attempted(target, "rate_limited")
+            return
+        self._attempted(target, "failed")
+        self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
+
+    def fell_back(self, from_provider: str, to_provider: str) -> None:
+        self.metrics.fallbacks.labels(from_provider, to_provider).inc()
+
+    def _attempted(self, target: Target, outcome: str) -> None:
+        self.metrics.upstream_attempts.labels(
+            target.provider.name, target.upstream.name, outcome
+        ).inc()
+
+    def _upstream_failed(self, target: Target, failure: Failure) -> None:
+        """One window decides both: alert when it fills, cool the upstream down too."""
+        alert = self.tracker.record_failure(target.key, failure)
+        probe_failed = self.breakers.failed(target.key, failure.error_type)
+        if probe_failed or (
+            self.tracker.over_threshold(target.key) and self.breakers.healthy_elsewhere(target)
+        ):
+            self.breakers.open(target.key, target.provider.cooldown)
+        if alert is not None:
+            self._alert(alert)
+
+    def _upstream_succeeded(self, target: Target) -> None:
+        self.breakers.succeeded(target.key)
+        recovery = self.tracker.record_success(target.key)
+        if recovery is not None:
+            self._recovery(recovery)
 
     def _reportable(self, error: errors.RouterError) -> bool:
         if isinstance(error, errors.ClientError):
@@ -142,6 +197,7 @@ class Reporter:
         fields = {
             "alert_type": alert.alert_type,
             "provider": alert.provider,
+            "upstream": alert.upstream,
             "count": alert.count,
             "window_seconds": alert.window_seconds,
             "threshold": alert.threshold,
@@ -160,14 +216,25 @@ class Reporter:
         fields = {
             "alert_type": recovery.alert_type,
             "provider": recovery.provider,
+            "upstream": recovery.upstream,
             "failures_since_alert": recovery.failures_since_alert,
         }
         alert_log.warning("upstream recovered", extra=_log_extra(fields, False))
+
+    def watch_upstreams(self, config: ProviderConfig) -> None:
+        """Export each upstream's breaker state (the configured provider's and fallbacks')."""
+        for provider in (config, *config.fallbacks):
+            for upstream in provider.upstreams:
+                key = Target(provider, upstream).key
+                self.metrics.upstream_state.labels(provider.name, upstream.name).set_function(
+                    lambda key=key: float(self.breakers.state(key))
+                )
 
     def config_reloaded(self, problem: ConfigInvalid | None, current: ProviderConfig) -> None:
         """Say what a reload did. A bad file never replaces the config that is serving."""
         self.metrics.config_reloads.labels("failure" if problem else "success").inc()
         if problem is None:
+            self.watch_upstreams(current)
             config_log.info("config reloaded")
             return
         captured = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,8 @@ class Settings:
     alert_threshold: int
     alert_window_seconds: float
     alert_throttle_seconds: float
+    # The whole environment, where an upstream's apiKeyEnv is looked up. Never printed.
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -255,7 +257,7 @@ class Settings:
                 problems.append((variable.name, f"invalid value {_shown(variable, raw)}: {exc}"))
         if problems:
             raise SettingsError(problems)
-        return cls(**values)
+        return cls(**values, environment=dict(env))
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:

@@ -42,16 +42,33 @@ class Upstream:
             transport=transport,
         )
 
-    def send(self, method: str, url: str, headers: dict[str, str], body: bytes) -> httpx.Response:
-        """Send a request and return the response with its body not yet read."""
+    def send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        first_byte_timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send a request and return the response with its body not yet read.
+
+        ``first_byte_timeout`` bounds the wait for the response headers only: once they
+        arrive, the body is read with the ordinary (long) read timeout.
+        """
         host = httpx.URL(url).host
+        timeout = self.client.timeout
+        if first_byte_timeout is not None:
+            timeout = httpx.Timeout(timeout, read=first_byte_timeout)
         try:
             request = self.client.build_request(
-                method, url, headers=wire_headers(headers), content=body
+                method, url, headers=wire_headers(headers), content=body, timeout=timeout
             )
-            return self.client.send(request, stream=True)
+            response = self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise translate_httpx_error(exc, host) from exc
+        if first_byte_timeout is not None:  # httpcore reads this dict when the body starts
+            request.extensions["timeout"]["read"] = self.client.timeout.read
+        return response
 
     def close(self) -> None:
         self.client.close()

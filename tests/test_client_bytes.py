@@ -109,7 +109,7 @@ def test_query_bytes_httpx_would_reject_are_percent_encoded():
     # waitress refuses such a request line itself ("Bad URI"), but other WSGI servers
     # (gunicorn) pass the raw bytes on, decoded as latin-1.
     config = load("generic")
-    url = upstream_url(config, config.endpoints[CHAT], "a=\xe9\x7f&b=c d")
+    url = upstream_url(config.base_url, config.endpoints[CHAT], "a=\xe9\x7f&b=c d")
     assert url.endswith("/chat/completions?a=%E9%7F&b=c%20d")
     assert str(httpx.URL(url)) == url  # httpx accepts it as it is
 

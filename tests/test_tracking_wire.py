@@ -237,7 +237,10 @@ def test_alert_is_emitted_three_ways_once_and_not_sampled(
     sentry, make_router, httpserver, ingest, log_lines
 ):
     sentry(sentry_sample_rate=0.0)
-    router = make_router(tracking_enabled=True, sentry_sample_rate=0.0, alert_threshold=3)
+    no_retries = {"retry": {"maxAttempts": 1}}  # one request, one failure in the window
+    router = make_router(
+        no_retries, tracking_enabled=True, sentry_sample_rate=0.0, alert_threshold=3
+    )
     httpserver.expect_request(CHAT).respond_with_json({"error": "down"}, status=503)
     for n in range(5):
         post(router, request_id=f"req-{n}")
@@ -260,7 +263,7 @@ def test_event_after_an_alert_has_no_alert_tag_and_recovery_arrives(
     sentry, make_router, httpserver, ingest
 ):
     sentry()
-    router = make_router(tracking_enabled=True, alert_threshold=2)
+    router = make_router({"retry": {"maxAttempts": 1}}, tracking_enabled=True, alert_threshold=2)
     state = {"status": 503}
     httpserver.expect_request(CHAT).respond_with_handler(
         lambda request: Response("{}", status=state["status"], content_type="application/json")
