@@ -14,6 +14,7 @@ config when a hot reload finds a broken file: a bad edit must never take traffic
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -50,7 +51,9 @@ HOP_BY_HOP = frozenset(
 KEY_HEADERS = ("authorization", "x-api-key", "api-key")
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# A provider name is a metrics label and a Sentry tag: short, lowercase, no spaces.
+# Shared with anything else that names a provider (test-alert's --provider).
+PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -215,18 +218,27 @@ def _child(path: str, key: str) -> str:
     return f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f'{path}["{key}"]'
 
 
-def _object(value: Any, path: str, problems: Problems, allowed: dict[str, Any]) -> dict | None:
+def _object(
+    value: Any, path: str, problems: Problems, allowed: dict[str, Any]
+) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         problems.append(Problem(path, f"must be an object, not {_kind(value)}"))
         return None
     for key in value:
         if key not in allowed:
-            close = [k for k in allowed if k.lower() == key.lower().replace("_", "")]
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
-            problems.append(Problem(_child(path, key), "unknown key", hint))
+            problems.append(
+                Problem(_child(path, key), "unknown key", _unknown_key_hint(key, allowed))
+            )
     return {
         k: check(value[k], _child(path, k), problems) for k, check in allowed.items() if k in value
     }
+
+
+def _unknown_key_hint(key: str, allowed: Mapping[str, Any]) -> str:
+    """Suggest the closest allowed key: typos (modelMaping), snake_case (base_url), case."""
+    folded = {k.lower(): k for k in allowed}
+    close = difflib.get_close_matches(key.lower().replace("_", ""), folded, n=1, cutoff=0.75)
+    return f"did you mean '{folded[close[0]]}'?" if close else f"allowed: {', '.join(allowed)}"
 
 
 def _kind(value: Any) -> str:
@@ -435,7 +447,7 @@ def _provider(document: Any, problems: Problems, default_name: str) -> ProviderC
     if "baseUrl" not in document:
         problems.append(Problem("$.baseUrl", "is required", "e.g. https://api.openai.com/v1"))
     name = parsed.get("name") or default_name
-    if not _NAME.match(name):
+    if not PROVIDER_NAME.match(name):
         problems.append(
             Problem(
                 "$.name",
