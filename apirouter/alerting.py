@@ -122,11 +122,14 @@ class FailureTracker:
         if state is None or not state.alerting:  # the common path takes no lock
             return None
         with self._lock:
-            if not state.alerting:
-                return None
-            state.alerting = False
-            state.times.clear()
-            return Recovery(*split_key(key), state.failures_since_alert)
+            return self._recover(key, state)
+
+    def _recover(self, key: str, state: _ProviderState) -> Recovery | None:
+        if not state.alerting:  # another thread recovered it first
+            return None
+        state.alerting = False
+        state.times.clear()
+        return Recovery(*split_key(key), state.failures_since_alert)
 
     def _throttled(self, state: _ProviderState, now: float) -> bool:
         return state.last_alert_at is not None and now - state.last_alert_at < self.throttle_seconds

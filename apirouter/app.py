@@ -174,8 +174,8 @@ class App:
         client's key). When the upstream cannot answer, the aliases alone."""
         aliases = [_model(alias, config) for alias in config.model_mapping]
         try:
-            upstream_response = self._forward(request, ctx, config, routes.Match(endpoint, {}))
-            upstream_response = upstream_response.response
+            sent = self._forward(request, ctx, config, routes.Match(endpoint, {}))
+            upstream_response = sent.response
             try:
                 listed = json.loads(b"".join(iter_raw(upstream_response)))
             finally:

@@ -109,13 +109,13 @@ class Attempts:
             if next_target is None:
                 return Sent(response, target)
             response.close()
-            error = errors.UpstreamServerError(
-                f"The upstream {target.upstream.host} answered HTTP {response.status_code}.",
-                response.status_code,
-            )
-            self._retried(
-                plan, target, None if reason == "429" else error, response.status_code, reason
-            )
+            failure = None
+            if reason != "429":
+                failure = errors.UpstreamServerError(
+                    f"The upstream {target.upstream.host} answered HTTP {response.status_code}.",
+                    response.status_code,
+                )
+            self._retried(plan, target, failure, response.status_code, reason)
             target = next_target
 
     # --- one attempt -------------------------------------------------------------------

@@ -165,10 +165,7 @@ class Breakers:
         if breaker is None or breaker.state is State.HEALTHY:
             return False  # the common path takes no lock
         with self._lock:
-            was_open = breaker.state is not State.HEALTHY
-            breaker.state = State.HEALTHY
-            breaker.cooldown = 0.0
-            return was_open
+            return _close(breaker)
 
     def park(self, key: str, seconds: float) -> None:
         with self._lock:
@@ -201,3 +198,10 @@ class Breakers:
             for u in target.provider.upstreams
             if u.name != target.upstream.name
         )
+
+
+def _close(breaker: _Breaker) -> bool:
+    was_open = breaker.state is not State.HEALTHY  # another thread may have closed it
+    breaker.state = State.HEALTHY
+    breaker.cooldown = 0.0
+    return was_open

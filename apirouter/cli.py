@@ -1,34 +1,70 @@
-"""The ``apirouter`` command: ``serve``, ``check-config``, ``test-alert``.
+"""The ``apirouter`` command: ``serve``, ``check-config``, ``show-config``, ``test-alert``.
 
 Thin by design: parse options, call one library function, render with rich, map the result
-to an exit code. Exit codes: 0 success; 1 errors found (invalid config, event rejected);
-2 usage or configuration error; 3 warnings found under ``check-config --strict``.
+to an exit code (``diagnostics.EXIT_*``): 0 success; 1 errors found (invalid config, event
+rejected, cannot listen); 2 usage or configuration error; 3 warnings under
+``check-config --strict``. Every failure is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
-from apirouter import __version__, diagnostics, firedrill, logs, server, tracking
-from apirouter.app import build
-from apirouter.config import ConfigInvalid, Problem, load, shipped_providers
-from apirouter.settings import Settings, SettingsError, read_environment
+from apirouter import __version__, diagnostics, firedrill, launch
+from apirouter.config import DEFAULT_PROVIDER, ConfigInvalid, Problem, shipped_providers
+from apirouter.diagnostics import EXIT_ERRORS, EXIT_OK, EXIT_USAGE, UsageError
+from apirouter.settings import LOG_LEVELS, VARIABLES, SettingsError, read_environment
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    """Help without type labels: typer prints ``--json <bool>`` (which reads as if the flag
+    took a value) and ``TARGET <list[str]>``. Options and arguments name their metavars."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar:
+            param.display_type_rich = lambda ctx: None  # the metavar already says it
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class LogLevel(StrEnum):
+    """--log-level's choices: settings.LOG_LEVELS (a test keeps the two equal)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
 cli = typer.Typer(
     name="apirouter",
+    cls=Group,
     help="OpenAI-compatible API router for one LLM provider, with Sentry error tracking "
     "and upstream-failure alerting.",
     no_args_is_help=True,
@@ -38,8 +74,12 @@ cli = typer.Typer(
 )
 
 EnvFile = Annotated[
-    Path, typer.Option("--env-file", help="Read variables from this file (real env wins).")
+    Path,
+    typer.Option(
+        "--env-file", metavar="FILE", help="Read variables from this file (real env wins)."
+    ),
 ]
+AsJson = Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")]
 
 
 def _version(value: bool) -> None:
@@ -57,95 +97,123 @@ def _root(
     """OpenAI-compatible API router for one LLM provider."""
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     err.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
-def load_settings(env_file: Path) -> tuple[Settings, dict[str, str]]:
-    env = read_environment(env_file)
+@contextmanager
+def operator_errors() -> Iterator[None]:
+    """Turn the library's operator-fixable failures into one-line errors and exit codes."""
     try:
-        return Settings.from_env(env), env
+        yield
     except SettingsError as exc:
         for name, message in exc.problems:
             err.print(f"[red]error:[/red] {name}: {message}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
+    except UsageError as exc:
+        raise fail(str(exc)) from None
+    except ConfigInvalid as exc:
+        err.print(f"[red]error:[/red] {exc.source} is invalid:", soft_wrap=True)
+        print_problems(err, exc.problems)
+        raise typer.Exit(EXIT_ERRORS) from None
+    except launch.CannotListen as exc:
+        raise fail(str(exc), EXIT_ERRORS) from None
 
 
-@cli.command()
+def _environment_help() -> str:
+    rows = "\n".join(f"  [bold]{v.name}[/bold]={v.default}  {v.description}" for v in VARIABLES)
+    return f"[bold]Environment variables[/bold] (also read from --env-file):\n\n{rows}"
+
+
+@cli.command(cls=Command, epilog=_environment_help())
 def serve(
     provider: Annotated[
         str | None,
-        typer.Argument(help=f"Shipped provider: {', '.join(shipped_providers())}. Default qwen."),
+        typer.Argument(
+            metavar="PROVIDER",
+            help=f"Shipped provider: {', '.join(shipped_providers())}. "
+            f"Default: API_ROUTER_CONFIG_PATH, else {DEFAULT_PROVIDER}.",
+            show_default=False,
+        ),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Provider config file (hot-reloaded).")
+        Path | None,
+        typer.Option("--config", "-c", metavar="FILE", help="Provider config file (hot-reloaded)."),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on.")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[
         int | None,
-        typer.Option(min=0, max=65535, help="Port (default: the config's, 8000; 0 = any free)."),
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Port (default: the config's, 8000; 0 = any)."
+        ),
     ] = None,
     threads: Annotated[
-        int, typer.Option(min=1, max=1024, help="Worker threads; each open stream holds one.")
+        int,
+        typer.Option(
+            metavar="N", min=1, max=1024, help="Worker threads; each open stream holds one."
+        ),
     ] = 32,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(
+            metavar="|".join(LOG_LEVELS),
+            case_sensitive=False,
+            help="Least severe log level shown (default: LOG_LEVEL, else info).",
+            show_default=False,
+        ),
+    ] = None,
     env_file: EnvFile = Path(".env"),
 ) -> None:
     """Run the router.
+
+    Exit codes: 0 stopped cleanly (SIGINT/SIGTERM); 1 invalid config or cannot listen;
+    2 usage or configuration error (bad option or variable, unknown provider, missing file).
 
     Examples:
 
       apirouter serve                      # qwen, on 127.0.0.1:8000
 
-      apirouter serve openai --port 9000
+      apirouter serve openai --port 9000 --log-level warning
 
       apirouter serve --config my-provider.json --host 0.0.0.0 --threads 64
     """
-    if provider and config:
-        raise fail("give a provider name or --config, not both")
-    settings, env = load_settings(env_file)
-    logs.setup(settings.log_format)
-    enabled = tracking.init(settings)  # before the server starts its threads
-    try:
-        application = build(settings, str(config) if config else provider, tracking_enabled=enabled)
-    except ConfigInvalid as exc:
-        err.print(f"[red]error:[/red] invalid provider config {exc.source}:", soft_wrap=True)
-        print_problems(err, exc.problems)
-        raise typer.Exit(1) from None
-    current = application.store.current
-    listen_port = current.port if port is None else port  # --port 0: any free port
-    try:
-        http_server = server.make_server(application, host, listen_port, threads)
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise fail(f"cannot listen on {host}:{listen_port}: {reason}", 1) from None
-    warnings = diagnostics.lint_environment(settings, env) + diagnostics.lint_config(
-        current, settings
+    options = launch.ServeOptions(
+        provider=provider,
+        config=config,
+        host=host,
+        port=port,
+        threads=threads,
+        log_level=log_level.value if log_level else None,
     )
-
-    def banner() -> None:
-        urls = ", ".join(server.listen_urls(http_server))
-        sentry = diagnostics.environment_facts(settings, env)["sentry"]
-        err.print(f"apirouter {__version__} listening on {urls}", soft_wrap=True)
-        err.print(f"  provider {current.name} -> {current.base_url}", soft_wrap=True)
-        err.print(f"  sentry   {sentry}", soft_wrap=True)
-        err.print(f"  threads  {threads}; metrics at /metrics, health at /health", soft_wrap=True)
-        print_problems(err, warnings)
-
-    server.run(http_server, application, on_ready=banner)
+    with operator_errors():
+        launch.serve(read_environment(env_file), options, on_ready=_render_banner)
 
 
-@cli.command("check-config")
+def _render_banner(banner: launch.Banner) -> None:
+    err.print(f"apirouter {banner.version} listening on {', '.join(banner.urls)}", soft_wrap=True)
+    err.print(f"  provider {banner.provider} -> {banner.base_url}", soft_wrap=True)
+    err.print(f"  sentry   {banner.sentry}", soft_wrap=True)
+    err.print(
+        f"  threads  {banner.threads}; metrics at /metrics, health at /health", soft_wrap=True
+    )
+    print_problems(err, banner.warnings)
+
+
+@cli.command("check-config", cls=Command)
 def check_config(
     targets: Annotated[
-        list[str] | None, typer.Argument(help="Shipped provider names or config file paths.")
+        list[str] | None,
+        typer.Argument(metavar="[TARGET]...", help="Shipped provider names or config file paths."),
     ] = None,
     all_shipped: Annotated[
         bool, typer.Option("--all", help="Check every shipped provider.")
     ] = False,
     env_file: EnvFile = Path(".env"),
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    as_json: AsJson = False,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 3 when there are warnings.")
     ] = False,
@@ -154,8 +222,8 @@ def check_config(
 
     With no target, checks the config serve would use (API_ROUTER_CONFIG_PATH, else qwen).
 
-    Exit codes: 0 valid; 1 errors found; 2 usage error (bad option, file not found);
-    3 warnings found with --strict.
+    Exit codes: 0 valid; 1 errors found; 2 usage error (bad option, unknown provider,
+    file not found); 3 warnings found with --strict.
 
     Examples:
 
@@ -164,47 +232,81 @@ def check_config(
       apirouter check-config ./my-provider.json --env-file prod.env --json
     """
     env = read_environment(env_file)
-    try:
-        report = diagnostics.check(list(targets or []), all_shipped, env)
-    except diagnostics.UsageError as exc:
-        raise fail(str(exc)) from None
-    code = report.exit_code(strict)
+    with operator_errors():
+        report = diagnostics.check(list(targets or []), all_shipped=all_shipped, env=env)
+    code = report.exit_code(strict=strict)
     if as_json:
-        sys.stdout.write(json.dumps(report.to_json(strict), indent=2) + "\n")
-        raise typer.Exit(code)
-    _render_check(report, code)
+        _write_json(report.to_json(strict=strict))
+    else:
+        _render_check(report, code)
     raise typer.Exit(code)
 
 
-@cli.command("test-alert")
+@cli.command("show-config", cls=Command)
+def show_config(
+    provider: Annotated[
+        str,
+        typer.Argument(
+            metavar="PROVIDER", help=f"Shipped provider: {', '.join(shipped_providers())}."
+        ),
+    ],
+) -> None:
+    """Print a shipped provider config (JSON), to copy and edit.
+
+    For any OpenAI-compatible server (llama.cpp, vLLM, LM Studio...), start from generic
+    and change baseUrl.
+
+    Exit codes: 0 printed; 2 unknown provider.
+
+    Examples:
+
+      apirouter show-config generic > my-provider.json
+
+      apirouter check-config my-provider.json
+    """
+    with operator_errors():
+        text = diagnostics.shipped_config(provider)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+@cli.command("test-alert", cls=Command)
 def test_alert(
     dsn: Annotated[
         str | None,
-        typer.Option(help="Sentry DSN to test (default: SENTRY_DSN).", show_default=False),
+        typer.Option(metavar="DSN", help="Sentry DSN to test (default: SENTRY_DSN)."),
     ] = None,
     provider: Annotated[
         str | None,
         typer.Option(
-            help="Provider label base; events say <name>-test-alert. "
-            "Default: the configured provider."
+            metavar="NAME",
+            help="Provider label base; events say NAME-test-alert. "
+            "Default: the configured provider.",
         ),
     ] = None,
     failures: Annotated[
         int | None,
         typer.Option(
-            min=1, max=1000, help="Synthetic failures to fire (default: the alert threshold)."
+            metavar="N",
+            min=1,
+            max=1000,
+            help="Synthetic failures to fire (default: the alert threshold).",
         ),
     ] = None,
     mode: Annotated[
-        str, typer.Option(help="How the synthetic upstream fails: refuse (connections) or 503.")
+        str,
+        typer.Option(
+            metavar="|".join(firedrill.MODES),
+            help="How the synthetic upstream fails: refuse (connections) or 503.",
+        ),
     ] = "refuse",
     timeout: Annotated[
-        float, typer.Option(min=0.1, help="Seconds to wait for Sentry per event.")
+        float,
+        typer.Option(metavar="SECONDS", min=0.1, help="Seconds to wait for Sentry per event."),
     ] = 10.0,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Send nothing; show what would be sent.")
     ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout.")] = False,
+    as_json: AsJson = False,
     env_file: EnvFile = Path(".env"),
 ) -> None:
     """Prove that alerts reach Sentry: check the DSN, fire synthetic upstream failures
@@ -221,53 +323,66 @@ def test_alert(
 
       apirouter test-alert --dry-run --json
     """
-    settings, _ = load_settings(env_file)
-    if mode not in firedrill.MODES:
-        raise fail(f"--mode must be one of: {', '.join(firedrill.MODES)}")
-    if dsn is not None:
-        try:
-            settings = Settings.from_env({**os.environ, "SENTRY_DSN": dsn})
-        except SettingsError as exc:
-            raise fail(f"--dsn: {dict(exc.problems).get('SENTRY_DSN', exc)}") from None
-    if not settings.sentry_dsn and not dry_run:
-        raise fail("no DSN: pass --dsn or set SENTRY_DSN (or use --dry-run)")
-    label = provider or _configured_provider(settings)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,40}", label):
-        raise fail("--provider must be lowercase letters, digits, '.', '_' or '-'")
-    count = failures or settings.alert_threshold
+    options = firedrill.DrillOptions(
+        dsn=dsn, provider=provider, failures=failures, mode=mode, timeout=timeout, dry_run=dry_run
+    )
     console = err if as_json else out
-    with Progress(
-        TextColumn("firing synthetic upstream failures"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        transient=True,
-        disable=as_json or not console.is_terminal,
-    ) as bar:
-        task = bar.add_task("fire", total=count)
-        report = firedrill.run(
-            settings,
-            settings.sentry_dsn,
-            label,
-            count,
-            mode,
-            timeout,
-            dry_run,
-            progress=lambda: bar.advance(task),
-        )
-    code = 0 if report.ok else 1
+    with operator_errors(), DrillProgress(console, shown=not as_json) as progress:
+        report = firedrill.drill(read_environment(env_file), options, observer=progress)
+    code = EXIT_OK if report.ok else EXIT_ERRORS
     if as_json:
-        sys.stdout.write(json.dumps({**report.to_json(), "exit_code": code}, indent=2) + "\n")
+        _write_json({**report.to_json(), "exit_code": code})
     else:
         _render_drill(report)
     raise typer.Exit(code)
 
 
-def _configured_provider(settings: Settings) -> str:
-    try:
-        return load(settings.config_path).name
-    except ConfigInvalid:
-        return "apirouter"
+class _Count(ProgressColumn):
+    """``3/5`` for the firing step; nothing for the DSN check, which has no count."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.completed:.0f}/{task.total:.0f}" if task.total else "")
+
+
+class DrillProgress:
+    """The drill's steps in a terminal, each shown while it runs: first the DSN check,
+    then the synthetic failures as they fire (nothing at all when not a terminal)."""
+
+    def __init__(self, console: Console, *, shown: bool) -> None:
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            _Count(),
+            console=console,
+            transient=True,
+            disable=not (shown and console.is_terminal),
+        )
+        self._task: Any = None
+
+    def __enter__(self) -> DrillProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def checking_dsn(self) -> None:
+        self._task = self._bar.add_task("1. checking the DSN (sending one event)", total=None)
+        self._bar.refresh()  # show the step now: the check may take up to --timeout
+
+    def firing(self, total: int) -> None:
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+        self._task = self._bar.add_task("2. firing synthetic upstream failures", total=total)
+        self._bar.refresh()
+
+    def fired(self) -> None:
+        self._bar.advance(self._task)
+
+
+def _write_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
 
 
 def _render_drill(report: firedrill.DrillReport) -> None:
@@ -291,6 +406,10 @@ def _render_drill(report: firedrill.DrillReport) -> None:
             table.add_row(d.kind, d.level, d.event_id[:12], d.answer)
     out.print("3. Delivery:")
     out.print(table)
+    _render_verdict(report)
+
+
+def _render_verdict(report: firedrill.DrillReport) -> None:
     if report.alert is None:
         out.print(
             f"[red]FAILED[/red]: no alert was raised ({report.failures} failure(s); "

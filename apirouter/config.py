@@ -14,6 +14,7 @@ config when a hot reload finds a broken file: a bad edit must never take traffic
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -36,7 +37,9 @@ DEFAULT_PROVIDER = "qwen"
 DEFAULT_PORT = 8000
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# A provider name is a metrics label and a Sentry tag: short, lowercase, no spaces.
+# Shared with anything else that names a provider (test-alert's --provider).
+PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -291,18 +294,27 @@ def _child(path: str, key: str) -> str:
     return f"{path}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f'{path}["{key}"]'
 
 
-def _object(value: Any, path: str, problems: Problems, allowed: dict[str, Any]) -> dict | None:
+def _object(
+    value: Any, path: str, problems: Problems, allowed: dict[str, Any]
+) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         problems.append(Problem(path, f"must be an object, not {_kind(value)}"))
         return None
     for key in value:
         if key not in allowed:
-            close = [k for k in allowed if k.lower() == key.lower().replace("_", "")]
-            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
-            problems.append(Problem(_child(path, key), "unknown key", hint))
+            problems.append(
+                Problem(_child(path, key), "unknown key", _unknown_key_hint(key, allowed))
+            )
     return {
         k: check(value[k], _child(path, k), problems) for k, check in allowed.items() if k in value
     }
+
+
+def _unknown_key_hint(key: str, allowed: Mapping[str, Any]) -> str:
+    """Suggest the closest allowed key: typos (modelMaping), snake_case (base_url), case."""
+    folded = {k.lower(): k for k in allowed}
+    close = difflib.get_close_matches(key.lower().replace("_", ""), folded, n=1, cutoff=0.75)
+    return f"did you mean '{folded[close[0]]}'?" if close else f"allowed: {', '.join(allowed)}"
 
 
 def _kind(value: Any) -> str:
@@ -573,7 +585,7 @@ def _env_name(value: Any, path: str, problems: Problems) -> str | None:
 
 
 def _label(value: Any, path: str, problems: Problems) -> str | None:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not PROVIDER_NAME.match(value):
         problems.append(
             Problem(path, "must be lowercase letters, digits, '.', '_' or '-' (a metrics label)")
         )
@@ -698,11 +710,6 @@ def _fallbacks(value: Any, path: str, problems: Problems) -> list[dict[str, Any]
 _PROVIDER_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "name": _string,
     "baseUrl": _base_url,
-    "upstreams": _upstreams,
-    "retry": _retry,
-    "cooldown": _cooldown,
-    "healthCheck": _health_check,
-    "fallbacks": _fallbacks,
     "headers": _headers,
     "modelMapping": _model_mapping,
     "keyHeader": _key_header,
@@ -710,6 +717,11 @@ _PROVIDER_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "rateLimit": _rate_limit,
     "streamConfig": _stream_config,
     "port": _int_range(1, 65535),
+    "upstreams": _upstreams,
+    "retry": _retry,
+    "cooldown": _cooldown,
+    "healthCheck": _health_check,
+    "fallbacks": _fallbacks,
 }
 
 
@@ -724,7 +736,7 @@ def _provider(
     elif "baseUrl" not in document and "upstreams" not in document:
         problems.append(Problem("$.baseUrl", "is required", "e.g. https://api.openai.com/v1"))
     name = parsed.get("name") or default_name
-    if not _NAME.match(name):
+    if not PROVIDER_NAME.match(name):
         problems.append(
             Problem(
                 "$.name",
@@ -744,7 +756,7 @@ def _provider(
         for local, spec in {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}.items()
         if spec.get("enabled", True)
     }
-    base_url = parsed.get("baseUrl")
+    base_url: str = parsed.get("baseUrl") or ""
     upstreams = parsed.get("upstreams") or [
         UpstreamSpec(urlsplit(base_url).hostname or "0", base_url)
     ]

@@ -1,4 +1,4 @@
-"""What ``check-config`` does, as plain functions returning result objects.
+"""What ``check-config`` and ``show-config`` do, as plain functions returning result objects.
 
 The validators are the ones ``serve`` uses (``config.load`` and ``Settings.from_env``), so a
 passing ``check-config`` means ``serve`` accepts the same inputs. The risk lints here run
@@ -7,21 +7,33 @@ at ``serve`` start-up too, as warnings. Fully offline: nothing here touches the 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from apirouter.config import ConfigInvalid, Problem, ProviderConfig, load, shipped_providers
+from apirouter.config import (
+    DEFAULT_PROVIDER,
+    ConfigInvalid,
+    Problem,
+    ProviderConfig,
+    load,
+    shipped_providers,
+)
 from apirouter.settings import Settings, SettingsError
 from apirouter.tracking import masked_dsn
 
+# The CLI's exit codes, one meaning each (the commands' --help and the README list them).
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
 
 
 class UsageError(ValueError):
-    """The command line names something that does not exist."""
+    """The command line names something that does not exist (exit code 2)."""
 
 
 @dataclass
@@ -53,15 +65,15 @@ class CheckReport:
     def warnings(self) -> int:
         return sum(p.severity == "warning" for p in self.problems())
 
-    def exit_code(self, strict: bool) -> int:
+    def exit_code(self, *, strict: bool) -> int:
         if self.errors:
             return EXIT_ERRORS
         if strict and self.warnings:
             return EXIT_WARNINGS
         return EXIT_OK
 
-    def to_json(self, strict: bool) -> dict:
-        def problem(p: Problem) -> dict:
+    def to_json(self, *, strict: bool) -> dict[str, Any]:
+        def problem(p: Problem) -> dict[str, Any]:
             return {k: v for k, v in vars(p).items() if v not in (None, "")}
 
         return {
@@ -82,32 +94,59 @@ class CheckReport:
             "summary": {
                 "errors": self.errors,
                 "warnings": self.warnings,
-                "exit_code": self.exit_code(strict),
+                "exit_code": self.exit_code(strict=strict),
             },
         }
 
 
-def check(targets: list[str], all_shipped: bool, env: Mapping[str, str]) -> CheckReport:
-    """Validate the named configs (or the one serve would use) and the environment."""
+def check(targets: list[str], *, all_shipped: bool, env: Mapping[str, str]) -> CheckReport:
+    """Validate the named configs (or the one serve would use) and the environment.
+
+    Raises UsageError, before checking anything, when a target names nothing."""
     settings, environment = check_environment(env)
     if all_shipped:
         targets = [*shipped_providers(), *targets]
     if not targets:
-        targets = [env.get("API_ROUTER_CONFIG_PATH") or "qwen"]
-    _require_existing(targets)
+        targets = [env.get("API_ROUTER_CONFIG_PATH") or DEFAULT_PROVIDER]
+    for target in targets:
+        require_target(target)
     files = [check_file(target, settings) for target in targets]
     facts = environment_facts(settings, env)
     return CheckReport(files, environment, facts)
 
 
-def _require_existing(targets: list[str]) -> None:
+def require_target(target: str) -> None:
+    """Refuse a provider name or config path that names nothing.
+
+    ``serve`` and ``check-config`` both call this, so a missing file or a mistyped name
+    gets the same one-line message and the same exit code (2) from either command."""
     names = shipped_providers()
-    for target in targets:
-        if target not in names and not Path(target).exists():
-            raise UsageError(
-                f"'{target}' is neither a shipped provider ({', '.join(names)}) "
-                "nor an existing file"
-            )
+    if target in names or Path(target).exists():
+        return
+    if Path(target).suffix == ".json" or "/" in target:
+        raise UsageError(
+            f"config file '{target}' does not exist "
+            f"(to start one: apirouter show-config generic > {target})"
+        )
+    raise UsageError(unknown_provider(target))
+
+
+def unknown_provider(name: str) -> str:
+    names = shipped_providers()
+    close = difflib.get_close_matches(name.lower(), names, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return (
+        f"unknown provider '{name}': {guess}shipped providers are {', '.join(names)}; "
+        "or give the path of a config file"
+    )
+
+
+def shipped_config(name: str) -> str:
+    """The JSON text of a shipped provider config, as a starting point for your own file
+    (``generic`` is the one to copy for any OpenAI-compatible server)."""
+    if name not in shipped_providers():
+        raise UsageError(unknown_provider(name))
+    return (resources.files("apirouter") / "providers" / f"{name}.json").read_text("utf-8")
 
 
 def check_file(target: str, settings: Settings | None) -> FileReport:
@@ -117,19 +156,34 @@ def check_file(target: str, settings: Settings | None) -> FileReport:
     try:
         config = load(target)
     except ConfigInvalid as exc:
-        report.problems = exc.problems
+        # Errors first, then the warnings the readable fields still deserve: an operator
+        # fixing the errors should not meet a second round of problems afterwards.
+        report.problems = [*exc.problems, *_lint_document(_read_document(target))]
         return report
     report.provider = config.name
     report.problems = lint_config(config, settings)
     return report
 
 
+def _read_document(target: str) -> Any:
+    """The raw JSON of a config that failed validation, or None when it is unreadable."""
+    try:
+        if target in shipped_providers():
+            return json.loads(shipped_config(target))
+        return json.loads(Path(target).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError covers bad JSON and bad UTF-8
+        return None
+
+
 def check_environment(env: Mapping[str, str]) -> tuple[Settings | None, list[Problem]]:
+    """Every invalid variable, and the warnings for the valid ones (even when some are not)."""
     try:
         settings = Settings.from_env(env)
     except SettingsError as exc:
         problems = [Problem(name, message, _env_hint(name)) for name, message in exc.problems]
-        return None, problems
+        invalid = {name for name, _ in exc.problems}
+        valid = Settings.from_env({k: v for k, v in env.items() if k not in invalid})
+        return None, problems + lint_environment(valid, env)
     return settings, lint_environment(settings, env)
 
 
@@ -138,13 +192,14 @@ def _env_hint(name: str) -> str:
         "SENTRY_DSN": "copy it from Sentry: Project Settings > Client Keys (DSN)",
         "SENTRY_SAMPLE_RATE": "e.g. SENTRY_SAMPLE_RATE=1.0",
         "LOG_FORMAT": "LOG_FORMAT=text or LOG_FORMAT=json",
+        "LOG_LEVEL": "e.g. LOG_LEVEL=warning to drop the per-request lines",
     }
     return hints.get(name, "see .env.example for the accepted values")
 
 
 def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem]:
     """Things that work but are risky."""
-    problems = []
+    problems: list[Problem] = []
     if settings.default_api_key and not settings.client_keys:
         problems.append(
             warning(
@@ -191,8 +246,22 @@ def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem
 
 
 def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
-    problems = []
-    if urlsplit(config.base_url).scheme == "http" and not _loopback(config.base_url):
+    """Things in a valid config that work but are risky."""
+    return _lint_document({"baseUrl": config.base_url, "modelMapping": config.model_mapping})
+
+
+def _lint_document(document: Any) -> list[Problem]:
+    """Config warnings from raw JSON, so a config with errors still gets its warnings."""
+    if not isinstance(document, dict):
+        return []
+    base_url = document.get("baseUrl")
+    mapping = document.get("modelMapping")
+    problems: list[Problem] = []
+    if (
+        isinstance(base_url, str)
+        and urlsplit(base_url).scheme == "http"
+        and not _loopback(base_url)
+    ):
         problems.append(
             warning(
                 "$.baseUrl",
@@ -200,7 +269,7 @@ def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Probl
                 "use https://",
             )
         )
-    for alias, target in config.model_mapping.items():
+    for alias, target in mapping.items() if isinstance(mapping, Mapping) else ():
         if alias == target:
             problems.append(
                 warning(
@@ -217,7 +286,10 @@ def warning(path: str, message: str, hint: str) -> Problem:
 
 
 def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # an unparseable URL in a broken config: not loopback
+        return False
     if host == "localhost":
         return True
     try:
@@ -230,7 +302,7 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
     """A summary an operator can read without any secret in it."""
     if settings is None:
         return {}
-    sentry = "off (SENTRY_DSN is empty)"
+    sentry = f"off (SENTRY_DSN is {'empty' if 'SENTRY_DSN' in env else 'not set'})"
     if settings.sentry_dsn:
         sentry = (
             f"on: {masked_dsn(settings.sentry_dsn)} (environment "
@@ -247,4 +319,5 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
         if settings.client_keys
         else "none",
         "log_format": settings.log_format,
+        "log_level": settings.log_level,
     }

@@ -10,6 +10,10 @@
 
 Its state lives in this process only: a running router is never touched, and no real API
 key is sent anywhere (the synthetic requests carry a fixed fake key).
+
+``drill`` is the whole command behind the CLI: it resolves the options against the
+environment (raising ``UsageError`` for anything the operator must fix) and runs the drill,
+telling an observer about each step so a terminal can show what is happening now.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -34,12 +38,49 @@ from sentry_sdk.utils import Dsn
 from apirouter import tracking
 from apirouter.alerting import REPEATED_FAILURES
 from apirouter.app import App
-from apirouter.config import ProviderConfig, parse
-from apirouter.settings import Settings
+from apirouter.config import PROVIDER_NAME, ConfigInvalid, ProviderConfig, load, parse
+from apirouter.diagnostics import UsageError
+from apirouter.settings import Settings, SettingsError
 
 SYNTHETIC_KEY = "test-alert-synthetic-key"
 DRY_RUN_DSN = "http://dry-run@127.0.0.1:9/0"
 MODES = ("refuse", "503")
+LABEL_SUFFIX = "-test-alert"
+
+
+@dataclass(frozen=True)
+class DrillOptions:
+    """What the operator asked for; ``None`` means "from the environment"."""
+
+    dsn: str | None = None  # default: SENTRY_DSN
+    provider: str | None = None  # default: the configured provider's name
+    failures: int | None = None  # default: the alert threshold
+    mode: str = "refuse"
+    timeout: float = 10.0
+    dry_run: bool = False
+
+
+class DrillObserver(Protocol):
+    """Told about each step as it starts, so a terminal shows the step actually running."""
+
+    def checking_dsn(self) -> None: ...
+
+    def firing(self, total: int) -> None: ...
+
+    def fired(self) -> None: ...
+
+
+class QuietObserver:
+    """Shows nothing (JSON output, tests, no terminal)."""
+
+    def checking_dsn(self) -> None:
+        return None
+
+    def firing(self, total: int) -> None:
+        return None
+
+    def fired(self) -> None:
+        return None
 
 
 @dataclass
@@ -105,7 +146,7 @@ class RecordingTransport(Transport):
         event = envelope.get_event()
         if event is None:
             return  # client reports, sessions: not what the drill is about
-        tags = dict(event.get("tags") or {})
+        tags: dict[str, str] = dict(event.get("tags") or {})
         kind = "alert" if tags.get("alert_type") == REPEATED_FAILURES else "error"
         if tags.get("test_alert") == "dsn-check":
             kind = "dsn-check"
@@ -113,7 +154,7 @@ class RecordingTransport(Transport):
         if self._send:
             self._post(envelope, delivery)
         else:
-            delivery.answer = f"would send: {_summary(event)}"
+            delivery.answer = f"would send: {_summary(tags)}"
         self.deliveries.append(delivery)
 
     def _post(self, envelope: Envelope, delivery: Delivery) -> None:
@@ -140,8 +181,7 @@ class RecordingTransport(Transport):
         return None
 
 
-def _summary(event: dict[str, Any]) -> str:
-    tags = event.get("tags") or {}
+def _summary(tags: Mapping[str, str]) -> str:
     keys = ("alert_type", "provider", "error_type", "status_code", "synthetic")
     return " ".join(f"{k}={tags[k]}" for k in keys if k in tags)
 
@@ -174,14 +214,22 @@ def _status_reason(response: httpx.Response, event_id: str) -> str:
     return f"not accepted (HTTP {status}): {response.text[:200].strip()}"
 
 
+def refused_base_url() -> str:
+    """A loopback base URL where connections are refused: a port bound, then closed.
+
+    The one copy of this trick; the tests use it too. Another process could take the port
+    in between, which is unlikely enough for a drill and for tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
 @contextmanager
 def failing_upstream(mode: str) -> Iterator[str]:
     """A loopback upstream that refuses connections, or answers every request with 503."""
     if mode == "refuse":
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        yield f"http://127.0.0.1:{port}/v1"  # bound then closed: connections are refused
+        yield refused_base_url()
         return
 
     class Unavailable(BaseHTTPRequestHandler):
@@ -215,20 +263,70 @@ def synthetic_config(provider: str, base_url: str) -> ProviderConfig:
     return parse(json.dumps(document), source="test-alert")
 
 
+def drill(
+    env: Mapping[str, str], options: DrillOptions, observer: DrillObserver | None = None
+) -> DrillReport:
+    """Everything ``apirouter test-alert`` does, from the environment to the report.
+
+    Raises SettingsError for invalid environment variables and UsageError for options the
+    operator must fix (bad --mode, --dsn or --provider, no DSN at all), before anything is sent.
+    """
+    settings = Settings.from_env(env)
+    if options.mode not in MODES:
+        raise UsageError(f"--mode must be one of: {', '.join(MODES)}")
+    if options.dsn is not None:
+        settings = _with_dsn(env, options.dsn)
+    if not settings.sentry_dsn and not options.dry_run:
+        raise UsageError("no DSN: pass --dsn or set SENTRY_DSN (or use --dry-run)")
+    provider = options.provider or configured_provider(settings)
+    if not PROVIDER_NAME.match(provider + LABEL_SUFFIX):
+        raise UsageError(
+            "--provider must be lowercase letters, digits, '.', '_' or '-' "
+            f"(at most {63 - len(LABEL_SUFFIX)} characters)"
+        )
+    return run(
+        settings,
+        dsn=settings.sentry_dsn,
+        provider=provider,
+        failures=options.failures or settings.alert_threshold,
+        mode=options.mode,
+        timeout=options.timeout,
+        dry_run=options.dry_run,
+        observer=observer or QuietObserver(),
+    )
+
+
+def _with_dsn(env: Mapping[str, str], dsn: str) -> Settings:
+    try:
+        return Settings.from_env({**env, "SENTRY_DSN": dsn})
+    except SettingsError as exc:
+        raise UsageError(f"--dsn: {dict(exc.problems).get('SENTRY_DSN', exc)}") from None
+
+
+def configured_provider(settings: Settings) -> str:
+    """The provider name serve would use, as the drill's label; "apirouter" if unloadable."""
+    try:
+        return load(settings.config_path).name
+    except ConfigInvalid:
+        return "apirouter"
+
+
 def run(
     settings: Settings,
+    *,
     dsn: str | None,
     provider: str,
     failures: int,
     mode: str,
     timeout: float,
     dry_run: bool,
-    progress: Callable[[], None] = lambda: None,
+    observer: DrillObserver | None = None,
 ) -> DrillReport:
     """Run the drill. The SDK is initialised here and shut down before returning."""
+    observer = observer or QuietObserver()
     target = dsn or DRY_RUN_DSN
     parsed = Dsn(target)
-    label = f"{provider}-test-alert"
+    label = f"{provider}{LABEL_SUFFIX}"
     report = DrillReport(
         dsn=tracking.masked_dsn(dsn) if dsn else "none",
         project_id=parsed.project_id,
@@ -246,9 +344,11 @@ def run(
     tracking.init(drill_settings, transport=transport)
     try:
         sentry_sdk.get_global_scope().set_tag("synthetic", "true")  # this process only
+        observer.checking_dsn()
         _dsn_check(label)
         if dry_run or transport.deliveries[0].accepted:
-            _fire(drill_settings, label, failures, mode, progress)
+            observer.firing(failures)
+            _fire(drill_settings, label, failures=failures, mode=mode, fired=observer.fired)
     finally:
         tracking.shutdown()
         sentry_sdk.get_global_scope().remove_tag("synthetic")
@@ -270,7 +370,7 @@ def _dsn_check(provider: str) -> None:
 
 
 def _fire(
-    settings: Settings, provider: str, failures: int, mode: str, progress: Callable[[], None]
+    settings: Settings, provider: str, *, failures: int, mode: str, fired: Callable[[], None]
 ) -> None:
     with failing_upstream(mode) as base_url:
         app = App(synthetic_config(provider, base_url), settings, tracking_enabled=True)
@@ -282,7 +382,7 @@ def _fire(
                     json={"model": "test-alert", "messages": []},
                     headers={"Authorization": f"Bearer {SYNTHETIC_KEY}"},
                 )
-                progress()
+                fired()
         finally:
             client.close()
             app.close()

@@ -47,13 +47,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
-def setup(log_format: str, stream: Any = None) -> None:
-    """Route apirouter's logs to stderr in the chosen format (idempotent)."""
+def setup(log_format: str, level: str = "info", stream: Any = None) -> None:
+    """Route apirouter's logs to stderr in the chosen format and level (idempotent).
+
+    ``level="warning"`` drops the per-request access lines (INFO) but keeps alerts,
+    failed reloads and errors."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     logger = logging.getLogger("apirouter")
     for old in list(logger.handlers):
         logger.removeHandler(old)
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level.upper())
     logger.propagate = False

@@ -42,6 +42,8 @@ class JsonProtocolError(Error):  # type: ignore[misc]
 
 
 class StrictRequestParser(HTTPRequestParser):  # type: ignore[misc]
+    error: Any
+
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:

@@ -10,6 +10,7 @@ tracking or logging itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -227,8 +228,11 @@ class Reporter:
             for upstream in provider.upstreams:
                 key = Target(provider, upstream).key
                 self.metrics.upstream_state.labels(provider.name, upstream.name).set_function(
-                    lambda key=key: float(self.breakers.state(key))
+                    functools.partial(self._state_of, key)
                 )
+
+    def _state_of(self, key: str) -> float:
+        return float(self.breakers.state(key))
 
     def config_reloaded(self, problem: ConfigInvalid | None, current: ProviderConfig) -> None:
         """Say what a reload did. A bad file never replaces the config that is serving."""

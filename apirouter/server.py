@@ -37,7 +37,7 @@ def make_server(app: App, host: str, port: int, threads: int) -> BaseWSGIServer:
         max_request_body_size=app.settings.max_body_bytes * 2 + 1024 * 1024,
         clear_untrusted_proxy_headers=True,
     )
-    http_server.channel_class = RouterChannel  # type: ignore[union-attr]
+    http_server.channel_class = RouterChannel
     return http_server
 
 

@@ -29,6 +29,13 @@ class SettingsError(ValueError):
         super().__init__("; ".join(f"{name}: {message}" for name, message in problems))
 
 
+DSN_SHAPE = (
+    "not a Sentry DSN; a DSN looks like https://PUBLIC_KEY@o123.ingest.sentry.io/PROJECT_ID "
+    "(copy it from Sentry: Project Settings > Client Keys (DSN))"
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -43,10 +50,9 @@ def _dsn(value: str) -> str | None:
         return None
     try:
         Dsn(value)
-    except BadDsn as exc:
-        raise ValueError(
-            f"not a valid Sentry DSN ({exc}); expected https://KEY@HOST/PROJECT_ID"
-        ) from None
+    except BadDsn:
+        # The SDK's own wording ("Unsupported scheme ''") names a parser detail, not the fix.
+        raise ValueError(DSN_SHAPE) from None
     return value
 
 
@@ -82,6 +88,13 @@ def _log_format(value: str) -> str:
     return value
 
 
+def _log_level(value: str) -> str:
+    value = value.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of: {', '.join(LOG_LEVELS)}")
+    return value
+
+
 def _boolean(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -97,6 +110,9 @@ def _key_list(value: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Variable:
+    """One environment variable: read by ``Settings.from_env``, documented by its
+    description in ``serve --help`` and checked against ``.env.example`` by the tests."""
+
     name: str
     attribute: str
     convert: Callable[[str], Any]
@@ -129,6 +145,13 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable("LOG_FORMAT", "log_format", _log_format, "text", "Access log format: text or json."),
     Variable(
+        "LOG_LEVEL",
+        "log_level",
+        _log_level,
+        "info",
+        "Least severe log level shown: debug, info (one line per request), warning or error.",
+    ),
+    Variable(
         "RATE_LIMIT_REQUESTS_PER_MINUTE",
         "rate_limit_rpm",
         _non_negative_int,
@@ -154,28 +177,28 @@ VARIABLES: tuple[Variable, ...] = (
         "connect_timeout",
         _positive_seconds,
         "10",
-        "Upstream connect (and connection-pool wait) timeout.",
+        "Upstream connect (and connection-pool wait) timeout, seconds.",
     ),
     Variable(
         "APIROUTER_READ_TIMEOUT_SECONDS",
         "read_timeout",
         _positive_seconds,
         "600",
-        "Upstream read/write timeout: longest silence tolerated from the upstream.",
+        "Upstream read/write timeout: longest silence tolerated from the upstream, seconds.",
     ),
     Variable(
         "SENTRY_DSN",
         "sentry_dsn",
         _dsn,
         "",
-        "Enables Sentry error tracking and alerting; empty = off.",
+        "Enables Sentry error tracking and alerting; empty = off (no SDK, no network).",
     ),
     Variable(
         "SENTRY_SAMPLE_RATE",
         "sentry_sample_rate",
         _fraction,
         "1.0",
-        "Fraction of error events sent (alerts are never sampled).",
+        "Fraction of error events sent, 0.0-1.0 (alerts are never sampled).",
     ),
     Variable(
         "SENTRY_ENVIRONMENT", "sentry_environment", _text, "production", "Sentry environment name."
@@ -224,6 +247,7 @@ class Settings:
     default_api_key: str | None
     client_keys: tuple[str, ...]
     log_format: str
+    log_level: str
     rate_limit_rpm: int
     rate_limit_burst: int
     max_body_bytes: int

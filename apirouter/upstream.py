@@ -74,7 +74,7 @@ class Upstream:
         self.client.close()
 
 
-def wire_headers(headers: dict[str, str]) -> dict[str, bytes]:
+def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
     """Header values as the bytes to send, never re-encoded.
 
     WSGI hands us the client's header bytes decoded as latin-1 (PEP 3333), so encoding
@@ -85,9 +85,9 @@ def wire_headers(headers: dict[str, str]) -> dict[str, bytes]:
     wire = {}
     for name, value in headers.items():
         try:
-            wire[name] = value.encode("latin-1")
+            wire[name.encode("latin-1")] = value.encode("latin-1")
         except UnicodeEncodeError:
-            wire[name] = value.encode("utf-8")
+            wire[name.encode("latin-1")] = value.encode("utf-8")
     return wire
 
 

@@ -16,7 +16,7 @@ from apirouter.app import build
 from apirouter.settings import Settings, read_environment
 
 settings = Settings.from_env(read_environment())
-logs.setup(settings.log_format)
+logs.setup(settings.log_format, settings.log_level)
 application = build(settings, None, tracking_enabled=tracking.init(settings))
 threading.Thread(
     target=server.watch_config, args=(application, threading.Event()), daemon=True

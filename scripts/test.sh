@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Install what the tests need into .venv and run the whole suite: the fast tests, then the
-# end-to-end tests against a real Sentry-protocol server (Bugsink, installed into its own
-# venv by tests/e2e). pytest's exit code 5 ("no tests ran") fails this script like any error.
+# Install what the tests need into .venv, check lint, formatting and types, then run the
+# whole suite: the fast tests, then the end-to-end tests against a real Sentry-protocol
+# server (Bugsink, installed into its own venv by tests/e2e). Any lint or type error fails
+# this script before a test runs; pytest's exit code 5 ("no tests ran") fails it like any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"
 .venv/bin/python -m pytest -m e2e tests/e2e "$@"

@@ -12,6 +12,7 @@ from support import wait_until
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, chat_stream, sse_response
 from werkzeug import Request, Response
 
+from apirouter.firedrill import refused_base_url
 from apirouter.relay import HEARTBEAT
 
 CHAT = "/v1/chat/completions"
@@ -203,10 +204,7 @@ def test_client_disconnect_mid_stream_releases_the_upstream(make_router, httpser
 
 
 def test_upstream_refusing_connections_gives_502(make_router):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    router = make_router({"baseUrl": f"http://127.0.0.1:{port}/v1"})
+    router = make_router({"baseUrl": refused_base_url()})
     response = post(router, {"model": "m"})
     assert response.status_code == 502
     error = response.json()["error"]

@@ -105,7 +105,7 @@ def test_check_config_json_schema():
         "problems": [],
     }
     assert set(document["environment"]) == {"facts", "problems"}
-    assert document["environment"]["facts"]["sentry"] == "off (SENTRY_DSN is empty)"
+    assert document["environment"]["facts"]["sentry"] == "off (SENTRY_DSN is not set)"
 
 
 def test_check_config_warnings_fail_only_with_strict(tmp_path):
@@ -280,8 +280,9 @@ def test_python_dash_m_and_exit_codes_as_subprocess(tmp_path):
         "error: SENTRY_SAMPLE_RATE: invalid value '1.5': must be a number from 0.0 to 1.0"
     )
     unknown = apirouter("serve", "qwne")
-    assert unknown.returncode == 1
-    assert "unknown provider 'qwne'" in unknown.stderr and "openai" in unknown.stderr
+    assert unknown.returncode == 2  # a name that names nothing is a usage error, as in check-config
+    assert "unknown provider 'qwne': did you mean 'qwen'?" in unknown.stderr
+    assert "openai" in unknown.stderr
     assert "Traceback" not in unknown.stderr + bad.stderr
 
 
@@ -365,3 +366,165 @@ def test_wsgi_module_builds_the_app_from_the_environment(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "wsgi-prov"
+
+
+# --- the operator's papercuts (issue 8) ----------------------------------------------------------
+
+
+def in_terminal(*args: str) -> str:
+    """Run `apirouter ARGS` with a pseudo-terminal as stdout/stderr; return what it drew."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apirouter", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(controller)
+    process.wait(timeout=60)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_shows_the_dsn_check_as_its_own_step(ingest):
+    """Papercut 3: no 'firing ... 0/5' bar while the DSN is still being checked."""
+    ingest.status = 401
+    drawn = in_terminal("test-alert", "--dsn", ingest.dsn, "--timeout", "5")
+    assert "1. checking the DSN" in drawn
+    assert "firing synthetic" not in drawn
+    assert "1. DSN check: " in drawn and "rejected (HTTP 401)" in drawn
+
+
+def test_terminal_shows_the_failures_firing_after_the_check(ingest):
+    drawn = in_terminal("test-alert", "--dsn", ingest.dsn, "--timeout", "5")
+    assert drawn.index("1. checking the DSN") < drawn.index("2. firing synthetic upstream")
+    assert "SUCCESS" in drawn
+
+
+def test_env_example_copied_to_env_passes_strict(tmp_path):
+    """Papercut 4: the README's CI recipe works on the shipped example."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / ".env.example"
+    (tmp_path / ".env").write_text(example.read_text())
+    result = invoke("check-config", "--strict")
+    assert result.exit_code == 0, result.output
+    (tmp_path / ".env").write_text("RATE_LIMIT_REQUESTS_PER_MINUTE=0\n")  # really set: warned
+    assert invoke("check-config", "--strict").exit_code == 3
+
+
+def test_a_missing_config_file_is_one_message_and_exit_2_for_serve_and_check_config():
+    """Papercut 5."""
+    expected = (
+        "error: config file '/nope.json' does not exist "
+        "(to start one: apirouter show-config generic > /nope.json)"
+    )
+    serve = apirouter("serve", "--config", "/nope.json")
+    check = apirouter("check-config", "/nope.json")
+    from_env = apirouter("serve", env={**os.environ, "API_ROUTER_CONFIG_PATH": "/nope.json"})
+    for result in (serve, check, from_env):
+        assert (result.returncode, result.stderr.strip()) == (2, expected)
+
+
+def test_test_alert_bad_dsn_says_what_a_dsn_looks_like():
+    """Papercut 7."""
+    result = invoke("test-alert", "--dsn", "not-a-dsn")
+    assert result.exit_code == 2
+    assert "Unsupported scheme" not in result.output
+    assert "a DSN looks like https://PUBLIC_KEY@o123.ingest.sentry.io/PROJECT_ID" in result.output
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config", "show-config", "test-alert", None])
+def test_help_shows_no_type_labels(command):
+    """Papercut 8: flags take no value, and metavars are named, not <list[str]>."""
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0
+    for label in ("<bool>", "<list[str]>", "<int range>", "<float range>", "<str>", "<path>"):
+        assert label not in result.output
+
+
+def test_serve_help_examples_are_indented_like_the_others():
+    def example_indent(command, example):
+        line = next(x for x in invoke(command, "--help").output.splitlines() if example in x)
+        return len(line) - len(line.lstrip())
+
+    serve = example_indent("serve", "apirouter serve openai")
+    check = example_indent("check-config", "apirouter check-config --all")
+    headings = [
+        x for x in invoke("serve", "--help").output.splitlines() if x.strip() == "Examples:"
+    ]
+    assert serve == check > len(headings[0]) - len(headings[0].lstrip())
+
+
+def test_serve_help_lists_the_environment_variables():
+    from apirouter.settings import VARIABLES
+
+    output = invoke("serve", "--help", env={"COLUMNS": "200"}).output
+    for variable in VARIABLES:
+        assert f"{variable.name}={variable.default}  {variable.description}" in output
+
+
+def test_an_invalid_config_says_so_once(tmp_path):
+    """Papercut 9: not 'invalid provider config provider ...'."""
+    path = write_config(tmp_path / "bad.json", {"baseUrl": "ftp://x"})
+    result = apirouter("serve", "--config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == f"error: {path} is invalid:"
+    assert "$.baseUrl: must be an http:// or https:// URL" in result.stderr
+
+
+def test_log_level_warning_drops_the_access_lines():
+    """Papercut 10: --log-level (and LOG_LEVEL) chooses what the log shows."""
+    with serving_process("generic", "--port", "0", "--log-level", "WARNING") as process:
+        url = process.stderr.readline().split("listening on ")[1].strip()
+        wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        rest = process.stderr.read()
+    assert "apirouter.access" not in rest and " INFO " not in rest
+    assert rest.startswith("  provider generic")
+
+
+def test_log_level_must_be_a_known_level():
+    result = invoke("serve", "--log-level", "loud")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    bad = apirouter("serve", env={**os.environ, "LOG_LEVEL": "loud"})
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: LOG_LEVEL: invalid value 'loud': must be one of: debug")
+
+
+def test_log_level_choices_match_the_settings():
+    from apirouter.cli import LogLevel
+    from apirouter.settings import LOG_LEVELS
+
+    assert tuple(level.value for level in LogLevel) == LOG_LEVELS
+
+
+def test_show_config_prints_a_sample_to_copy(tmp_path):
+    """Papercut 10: `show-config generic > file` is a config check-config accepts."""
+    result = invoke("show-config", "generic")
+    assert result.exit_code == 0
+    document = json.loads(result.stdout)
+    assert document["baseUrl"] == "http://127.0.0.1:8080/v1"
+    (tmp_path / "mine.json").write_text(result.stdout)
+    assert invoke("check-config", str(tmp_path / "mine.json"), "--strict").exit_code == 0
+
+
+def test_show_config_unknown_provider_is_a_usage_error():
+    result = invoke("show-config", "opnai")
+    assert result.exit_code == 2
+    assert "unknown provider 'opnai': did you mean 'openai'?" in result.output

@@ -114,6 +114,38 @@ def test_misspelt_key_gets_a_suggestion():
     assert info.value.problems[0].hint == "did you mean 'baseUrl'?"
 
 
+@pytest.mark.parametrize(
+    ("document", "path", "suggestion"),
+    [
+        ({"modelMaping": {}}, "$.modelMaping", "modelMapping"),
+        ({"rateLimt": {}}, "$.rateLimt", "rateLimit"),
+        ({"ports": 80}, "$.ports", "port"),
+        (
+            {"endpoints": {"/v1/x": {"upstream_pat": "/x"}}},
+            '$.endpoints["/v1/x"].upstream_pat',
+            "upstreamPath",
+        ),
+        (
+            {"streamConfig": {"heartbeatInterval": 5}},
+            "$.streamConfig.heartbeatInterval",
+            "heartbeatIntervalSecs",
+        ),
+    ],
+)
+def test_close_spellings_get_a_suggestion(document, path, suggestion):
+    """Papercut 1: not only case and underscores, typos too (difflib)."""
+    with pytest.raises(ConfigInvalid) as info:
+        parse(json.dumps({"baseUrl": "https://x.example", **document}), source="t")
+    [problem] = info.value.problems
+    assert (problem.path, problem.hint) == (path, f"did you mean '{suggestion}'?")
+
+
+def test_a_key_like_nothing_lists_the_allowed_keys():
+    with pytest.raises(ConfigInvalid) as info:
+        parse(json.dumps({"baseUrl": "https://x.example", "zzz": 1}), source="t")
+    assert info.value.problems[0].hint.startswith("allowed: name, baseUrl, headers")
+
+
 def test_syntax_error_has_line_and_column():
     with pytest.raises(ConfigInvalid) as info:
         parse('{\n  "baseUrl": "https://x.example",\n  "port": 80,\n}', source="t")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import threading
 
@@ -14,16 +13,11 @@ import sentry_sdk
 from support import DSN_SECRET, SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY, wait_until
 from werkzeug import Request, Response
 
+from apirouter.firedrill import refused_base_url
 from apirouter.keys import anonymize
 from apirouter.upstream import Upstream
 
 CHAT = "/v1/chat/completions"
-
-
-def refused_base_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
 
 
 def post(router, path=CHAT, key=SECRET_CLIENT_KEY, request_id=None, **kwargs):

@@ -18,6 +18,7 @@ import pytest
 from support import doc_blocks, run_bash, wait_until
 from werkzeug import Request, Response
 
+from apirouter.firedrill import refused_base_url
 from apirouter.keys import anonymize
 
 pytestmark = pytest.mark.e2e
@@ -30,14 +31,6 @@ def poll(fetch, timeout: float = 20.0):
 
 CLIENT_KEY = "sk-e2e-client-SECRET-abcdefghijklmnopqrstuvwxyz"
 DEFAULT_KEY = "sk-e2e-default-SECRET-zyxwvutsrqponmlkjihgfedcba"
-
-
-def refused_url() -> str:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
 
 
 def events_where(bugsink, **tags):
@@ -68,7 +61,7 @@ def test_each_upstream_failure_is_one_tagged_event_without_secrets(
         "DEFAULT_API_KEY": DEFAULT_KEY,
         "APIROUTER_READ_TIMEOUT_SECONDS": "0.5",
     }
-    broken = start_router({"name": "e2e-refused", "baseUrl": refused_url()}, env)
+    broken = start_router({"name": "e2e-refused", "baseUrl": refused_base_url()}, env)
     flaky = start_router({"name": "e2e-flaky", "baseUrl": httpserver.url_for("/v1")}, env)
     release = threading.Event()
 

@@ -1,0 +1,114 @@
+"""Start the router from the operator's options: everything ``apirouter serve`` does.
+
+The order matters. Settings first, so a bad variable stops start-up before anything else;
+then the target (a missing file or mistyped name is a usage error, as in ``check-config``);
+logs; Sentry, before the server creates its threads (sentry-sdk needs that); the app and
+its config; the listening socket; and the banner facts. Every failure an operator can fix
+is raised as one exception that the CLI turns into a one-line error and an exit code:
+SettingsError and UsageError (2), ConfigInvalid and CannotListen (1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from waitress.server import BaseWSGIServer
+
+from apirouter import __version__, logs, server, tracking
+from apirouter.app import App, build
+from apirouter.config import DEFAULT_PROVIDER, Problem
+from apirouter.diagnostics import (
+    UsageError,
+    environment_facts,
+    lint_config,
+    lint_environment,
+    require_target,
+)
+from apirouter.settings import Settings
+
+
+class CannotListen(OSError):
+    """The address or port is not available (in use, not ours, or not an address)."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The command line of ``apirouter serve``; ``None`` means "from the config/environment"."""
+
+    provider: str | None = None
+    config: Path | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: the config's port; 0: any free port
+    threads: int = 32
+    log_level: str | None = None  # None: LOG_LEVEL
+
+
+@dataclass(frozen=True)
+class Banner:
+    """What the start-up lines say: no secret in any of it (the DSN is masked)."""
+
+    version: str
+    urls: list[str]
+    provider: str
+    base_url: str
+    sentry: str
+    threads: int
+    warnings: list[Problem]
+
+
+def serve(
+    env: Mapping[str, str], options: ServeOptions, *, on_ready: Callable[[Banner], None]
+) -> None:
+    """Start the router and serve until SIGINT/SIGTERM; ``on_ready`` shows the banner."""
+    settings = Settings.from_env(env)
+    if options.log_level is not None:
+        settings = replace(settings, log_level=options.log_level)
+    target = resolve_target(options, settings)
+    logs.setup(settings.log_format, settings.log_level)
+    application = build(settings, target, tracking_enabled=tracking.init(settings))
+    http_server = _listen(application, options)
+    banner = _banner(application, http_server, settings, env, options)
+    server.run(http_server, application, on_ready=lambda: on_ready(banner))
+
+
+def resolve_target(options: ServeOptions, settings: Settings) -> str:
+    """The provider name or config path to load, refused early when it names nothing."""
+    if options.provider and options.config:
+        raise UsageError("give a provider name or --config, not both")
+    if options.config is not None:
+        target = str(options.config)
+    else:
+        target = options.provider or settings.config_path or DEFAULT_PROVIDER
+    require_target(target)
+    return target
+
+
+def _listen(application: App, options: ServeOptions) -> BaseWSGIServer:
+    port = application.store.current.port if options.port is None else options.port
+    try:
+        return server.make_server(application, options.host, port, options.threads)
+    except OSError as exc:
+        application.close()
+        reason = exc.strerror or exc
+        raise CannotListen(f"cannot listen on {options.host}:{port}: {reason}") from None
+
+
+def _banner(
+    application: App,
+    http_server: BaseWSGIServer,
+    settings: Settings,
+    env: Mapping[str, str],
+    options: ServeOptions,
+) -> Banner:
+    current = application.store.current
+    return Banner(
+        version=__version__,
+        urls=server.listen_urls(http_server),
+        provider=current.name,
+        base_url=current.base_url,
+        sentry=environment_facts(settings, env)["sentry"],
+        threads=options.threads,
+        warnings=lint_environment(settings, env) + lint_config(current, settings),
+    )

@@ -1,0 +1,98 @@
+"""check-config's library functions, called directly: reports, targets, facts, samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support import write_config
+
+from apirouter import diagnostics
+from apirouter.config import DEFAULT_PROVIDER, parse
+from apirouter.diagnostics import EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS, UsageError
+
+
+def paths(problems, severity):
+    return [p.path for p in problems if p.severity == severity]
+
+
+def test_a_file_with_errors_keeps_its_warnings(tmp_path):
+    """Papercut 2: fixing the errors must not reveal a second round of problems."""
+    path = write_config(
+        tmp_path / "p.json",
+        {"baseUrl": "http://api.example.com/v1", "modelMapping": {"same": "same"}, "port": "80"},
+    )
+    [file] = diagnostics.check([str(path)], all_shipped=False, env={}).files
+    assert paths(file.problems, "error") == ["$.port"]
+    assert paths(file.problems, "warning") == ["$.baseUrl", '$.modelMapping["same"]']
+    assert not file.ok
+
+
+def test_unreadable_json_has_only_its_syntax_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"baseUrl": "http://api.example.com/v1",')
+    [file] = diagnostics.check([str(path)], all_shipped=False, env={}).files
+    assert [(p.severity, p.path) for p in file.problems] == [("error", "$")]
+
+
+def test_environment_errors_keep_the_warnings_of_valid_variables():
+    env = {"SENTRY_SAMPLE_RATE": "abc", "DEFAULT_API_KEY": "sk-operator-key"}
+    report = diagnostics.check(["qwen"], all_shipped=False, env=env)
+    assert paths(report.environment, "error") == ["SENTRY_SAMPLE_RATE"]
+    assert paths(report.environment, "warning") == ["DEFAULT_API_KEY"]  # open relay
+    assert report.exit_code(strict=False) == EXIT_ERRORS
+
+
+def test_no_target_checks_the_default_provider_or_the_configured_path(tmp_path):
+    report = diagnostics.check([], all_shipped=False, env={})
+    assert [f.target for f in report.files] == [DEFAULT_PROVIDER]
+    path = write_config(tmp_path / "mine.json", {"baseUrl": "https://x.example/v1"})
+    report = diagnostics.check([], all_shipped=False, env={"API_ROUTER_CONFIG_PATH": str(path)})
+    assert [f.provider for f in report.files] == ["mine"]
+
+
+def test_exit_codes_for_warnings_depend_on_strict():
+    report = diagnostics.check(
+        ["openai"], all_shipped=False, env={"RATE_LIMIT_REQUESTS_PER_MINUTE": "0"}
+    )
+    assert report.warnings == 1
+    assert report.exit_code(strict=False) == EXIT_OK
+    assert report.exit_code(strict=True) == EXIT_WARNINGS
+    assert report.to_json(strict=True)["summary"]["exit_code"] == EXIT_WARNINGS
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [({}, "off (SENTRY_DSN is not set)"), ({"SENTRY_DSN": " "}, "off (SENTRY_DSN is empty)")],
+)
+def test_sentry_fact_says_not_set_or_empty(env, words):
+    """Papercut 6: an unset variable and an empty one are different mistakes."""
+    report = diagnostics.check(["qwen"], all_shipped=False, env=env)
+    assert report.facts["sentry"] == words
+
+
+def test_a_missing_file_is_a_usage_error_that_says_how_to_start_one():
+    with pytest.raises(UsageError) as info:
+        diagnostics.require_target("/nope/provider.json")
+    assert str(info.value) == (
+        "config file '/nope/provider.json' does not exist "
+        "(to start one: apirouter show-config generic > /nope/provider.json)"
+    )
+
+
+def test_an_unknown_provider_gets_a_close_match():
+    with pytest.raises(UsageError) as info:
+        diagnostics.require_target("opeani")
+    assert str(info.value).startswith("unknown provider 'opeani': did you mean 'openai'?")
+    with pytest.raises(UsageError) as info:
+        diagnostics.require_target("zzzzzz")
+    assert "did you mean" not in str(info.value) and "ollama-local" in str(info.value)
+
+
+def test_shipped_config_is_the_json_of_the_shipped_file():
+    text = diagnostics.shipped_config("generic")
+    config = parse(text, source="generic")
+    assert config.base_url == "http://127.0.0.1:8080/v1"
+    assert json.loads(text)["baseUrl"] == config.base_url
+    with pytest.raises(UsageError):
+        diagnostics.shipped_config("nope")
