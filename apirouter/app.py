@@ -196,6 +196,8 @@ class App:
             "provider": config.name,
             "upstream": config.base_url,
             "uptime_seconds": round(self.clock() - self.started, 3),
+            "can_serve": self.reporter.breakers.can_serve(config),
+            "upstreams": self.reporter.breakers.describe(config),
             "sentry_enabled": self.reporter.tracking_enabled,
             "rate_limiter": {"buckets": len(self.limiter)},
         }

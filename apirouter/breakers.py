@@ -182,6 +182,30 @@ class Breakers:
         breaker = self._breakers.get(key)
         return None if breaker is None else breaker.last_error
 
+    def can_serve(self, config: ProviderConfig) -> bool:
+        """Could a request be sent somewhere right now (ignoring 429 parking)?"""
+        now = self._clock()
+        return any(
+            (b := self._breakers.get(Target(p, u).key)) is None
+            or b.state is State.HEALTHY
+            or now >= b.until
+            for p in (config, *config.fallbacks)
+            for u in p.upstreams
+        )
+
+    def describe(self, config: ProviderConfig) -> list[dict[str, str | None]]:
+        """Each upstream of the chain for /health: provider, name, state, last error."""
+        return [
+            {
+                "provider": p.name,
+                "name": u.name,
+                "state": self.state(Target(p, u).key).name.lower(),
+                "last_error": self.last_error(Target(p, u).key),
+            }
+            for p in (config, *config.fallbacks)
+            for u in p.upstreams
+        ]
+
     def healthy_elsewhere(self, target: Target) -> bool:
         """Is there somewhere else to send traffic if this upstream cools down?
 

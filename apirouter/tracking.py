@@ -175,6 +175,15 @@ def capture_config_error(problem: ConfigInvalid, provider: str) -> str | None:
         )
 
 
+def _alert_tags(event: Alert | Recovery) -> dict[str, str]:
+    """The stable tags one alert rule targets: alert_type, provider, upstream."""
+    return {
+        "alert_type": event.alert_type,
+        "provider": event.provider,
+        "upstream": event.upstream,
+    }
+
+
 def capture_alert(alert: Alert) -> str | None:
     """The alert event operators write one rule for: stable tags, one issue per provider."""
     with sentry_sdk.isolation_scope():
@@ -183,11 +192,17 @@ def capture_alert(alert: Alert) -> str | None:
                 "level": "error",
                 "logger": "apirouter.alerts",
                 "message": (
-                    f"Repeated upstream failures for provider {alert.provider}: {alert.count} "
-                    f"failures in the last {alert.window_seconds:g}s (threshold {alert.threshold})"
+                    f"Repeated upstream failures for provider {alert.provider} (upstream "
+                    f"{alert.upstream}): {alert.count} failures in the last "
+                    f"{alert.window_seconds:g}s (threshold {alert.threshold})"
                 ),
-                "tags": {"alert_type": alert.alert_type, "provider": alert.provider},
-                "fingerprint": ["apirouter-alert", alert.alert_type, alert.provider],
+                "tags": _alert_tags(alert),
+                "fingerprint": [
+                    "apirouter-alert",
+                    alert.alert_type,
+                    alert.provider,
+                    alert.upstream,
+                ],
                 "contexts": {
                     "alert": {
                         "count": alert.count,
@@ -208,9 +223,17 @@ def capture_recovery(recovery: Recovery) -> str | None:
             {
                 "level": "info",
                 "logger": "apirouter.alerts",
-                "message": f"Upstream recovered for provider {recovery.provider}",
-                "tags": {"alert_type": recovery.alert_type, "provider": recovery.provider},
-                "fingerprint": ["apirouter-alert", recovery.alert_type, recovery.provider],
+                "message": (
+                    f"Upstream recovered for provider {recovery.provider} "
+                    f"(upstream {recovery.upstream})"
+                ),
+                "tags": _alert_tags(recovery),
+                "fingerprint": [
+                    "apirouter-alert",
+                    recovery.alert_type,
+                    recovery.provider,
+                    recovery.upstream,
+                ],
                 "contexts": {"recovery": {"failures_since_alert": recovery.failures_since_alert}},
             }
         )

@@ -58,7 +58,12 @@ class Upstream:
         host = httpx.URL(url).host
         timeout = self.client.timeout
         if first_byte_timeout is not None:
-            timeout = httpx.Timeout(timeout, read=first_byte_timeout)
+            timeout = httpx.Timeout(
+                connect=timeout.connect,
+                read=first_byte_timeout,
+                write=timeout.write,
+                pool=timeout.pool,
+            )
         try:
             request = self.client.build_request(
                 method, url, headers=wire_headers(headers), content=body, timeout=timeout

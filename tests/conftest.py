@@ -48,7 +48,9 @@ def make_router(httpserver: HTTPServer, tmp_path: Path) -> Iterator[Callable[...
         clock: Callable[[], float] = time.monotonic,
         **settings: Any,
     ) -> Router:
-        document = {"name": "testprov", "baseUrl": httpserver.url_for("/v1"), **(config or {})}
+        config = config or {}
+        default_upstream = {} if "upstreams" in config else {"baseUrl": httpserver.url_for("/v1")}
+        document = {"name": "testprov", **default_upstream, **config}
         path = write_config(tmp_path / f"provider-{len(stack)}.json", document)
         app = App(
             load_file(path),

@@ -242,8 +242,17 @@ def test_alert_is_emitted_three_ways_once_and_not_sampled(
     [alert] = alerts
     assert len(ingest.events) == 1  # sample rate 0 dropped the five error events, not the alert
     assert alert["level"] == "error"
-    assert alert["tags"] == {"alert_type": "repeated_upstream_failures", "provider": "testprov"}
-    assert alert["fingerprint"] == ["apirouter-alert", "repeated_upstream_failures", "testprov"]
+    assert alert["tags"] == {
+        "alert_type": "repeated_upstream_failures",
+        "provider": "testprov",
+        "upstream": "127.0.0.1",  # one upstream, named after its host
+    }
+    assert alert["fingerprint"] == [
+        "apirouter-alert",
+        "repeated_upstream_failures",
+        "testprov",
+        "127.0.0.1",
+    ]
     facts = alert["contexts"]["alert"]
     assert facts["count"] == 3 and facts["threshold"] == 3 and facts["window_seconds"] == 300
     assert facts["last_error_type"] == "upstream_5xx" and facts["last_status"] == 503
