@@ -27,6 +27,7 @@ MAPPING = {
     "fast": "upstream-fast",
     "image-alias": "upstream-image",
     "claude-alias": "claude-upstream",
+    "team/fast": "upstream-fast",
 }
 
 
@@ -300,6 +301,17 @@ def test_responses_retrieve_delete_and_cancel(client, httpserver):
     assert "content-type" not in cancelled[0].headers  # body-less POST: nothing forced
 
 
+def test_responses_retrieve_with_stream_true_relays_sse(client, httpserver):
+    seen = upstream(
+        httpserver, "/v1/responses/resp_1", "GET", sse_response(responses_stream_events(["ok"]))
+    )
+    stream = client.responses.retrieve("resp_1", stream=True, starting_after=2)
+    events = list(stream)
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == "ok"
+    assert seen[0].query == {"stream": "true", "starting_after": "2"}
+
+
 def test_responses_input_items_list_forwards_the_query(client, httpserver):
     items = {
         "object": "list",
@@ -332,6 +344,8 @@ def test_models_retrieve_answers_an_alias_locally(client, httpserver):
     model = client.models.retrieve("fast")
     assert (model.id, model.object, model.owned_by) == ("fast", "model", "testprov")
     assert model.to_dict()["target"] == "upstream-fast"
+    # an alias with '/' is sent as team%2Ffast and still found
+    assert client.models.retrieve("team/fast").to_dict()["target"] == "upstream-fast"
     assert httpserver.log == []  # the upstream was never asked
 
 
@@ -369,6 +383,7 @@ def test_models_list_puts_the_aliases_before_the_upstream_list(client, httpserve
         ("fast", "testprov"),
         ("image-alias", "testprov"),
         ("claude-alias", "testprov"),
+        ("team/fast", "testprov"),
         ("upstream-fast", "prov"),
         ("other-model", "prov"),
     ]
@@ -377,7 +392,7 @@ def test_models_list_puts_the_aliases_before_the_upstream_list(client, httpserve
 
 def test_models_list_is_the_aliases_alone_when_the_upstream_fails(client, httpserver):
     upstream(httpserver, "/v1/models", "GET", {"error": {"message": "down"}}, status=503)
-    assert [m.id for m in client.models.list()] == ["fast", "image-alias", "claude-alias"]
+    assert [m.id for m in client.models.list()] == list(MAPPING)
 
 
 # --- audio, images, moderations ---------------------------------------------------------------
