@@ -14,13 +14,8 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from support import Router, serving, write_config
 from upstream_fakes import sse_response
 from werkzeug import Request, Response
-
-from apirouter.app import App
-from apirouter.config import load_file
-from apirouter.settings import Settings
 
 CLIENT_KEY = "sk-client-endpoints"
 MAPPING = {
@@ -88,19 +83,13 @@ def sent_by_client(seen: Seen) -> None:
 
 
 @pytest.fixture(scope="module")
-def routed(_upstream_server, tmp_path_factory):
-    """One router for the module (starting and stopping one per test costs 0.2 s); each
-    test still gets a cleared upstream through the ``httpserver`` fixture."""
-    document = {
-        "name": "testprov",
-        "baseUrl": _upstream_server.url_for("/v1"),
-        "modelMapping": MAPPING,
-        "endpoints": {"/v1/messages/count_tokens": {"keyHeader": "x-api-key"}},
-    }
-    path = write_config(tmp_path_factory.mktemp("endpoints") / "provider.json", document)
-    app = App(load_file(path), Settings.defaults(), config_path=path)
-    with serving(app) as url:
-        yield Router(app, url, path)
+def routed(make_module_router):
+    return make_module_router(
+        {
+            "modelMapping": MAPPING,
+            "endpoints": {"/v1/messages/count_tokens": {"keyHeader": "x-api-key"}},
+        }
+    )
 
 
 @pytest.fixture

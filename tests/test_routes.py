@@ -119,6 +119,12 @@ def test_refining_a_built_in_route_keeps_its_template_and_defaults():
 # --- routing over the real server ------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def shared(make_module_router):
+    """A default router for the tests that neither configure it nor count its metrics."""
+    return make_module_router()
+
+
 def raw_request(router, method, path, body=b"", headers=None):
     """Send the request target exactly as written (httpx would normalise dot segments)."""
     host, port = router.url.removeprefix("http://").split(":")
@@ -202,9 +208,9 @@ def test_custom_template_route_fills_its_placeholders_into_the_upstream_path(
         ("GET", "/v1/responses/", "id"),
     ],
 )
-def test_dot_and_empty_segments_are_refused_with_400(router, httpserver, method, path, placeholder):
+def test_dot_and_empty_segments_are_refused_with_400(shared, httpserver, method, path, placeholder):
     seen = record_all(httpserver)
-    status, headers, body = raw_request(router, method, path)
+    status, headers, body = raw_request(shared, method, path)
     assert status == 400, body
     assert headers["content-type"] == "application/json"
     error = json.loads(body)["error"]
@@ -213,10 +219,10 @@ def test_dot_and_empty_segments_are_refused_with_400(router, httpserver, method,
     assert seen == []  # never sent upstream, where it could resolve as a path step
 
 
-def test_dot_inside_an_id_is_an_ordinary_id(router, httpserver):
+def test_dot_inside_an_id_is_an_ordinary_id(shared, httpserver):
     seen = record_all(httpserver)
     for path in ("/v1/files/file.v2", "/v1/files/..hidden", "/v1/files/%2e%2e%2e"):
-        assert raw_request(router, "GET", path)[0] == 200
+        assert raw_request(shared, "GET", path)[0] == 200
     assert [r.environ["REQUEST_URI"] for r in seen] == [
         "/v1/files/file.v2",
         "/v1/files/..hidden",
@@ -225,10 +231,10 @@ def test_dot_inside_an_id_is_an_ordinary_id(router, httpserver):
 
 
 @pytest.mark.parametrize("path", ["/v1/realtime", "/v1/realtime?model=gpt-realtime"])
-def test_realtime_is_501_with_an_explanation(router, httpserver, path):
+def test_realtime_is_501_with_an_explanation(shared, httpserver, path):
     seen = record_all(httpserver)
     response = httpx.get(
-        router.url + path,
+        shared.url + path,
         headers={"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"},
     )
     assert response.status_code == 501
@@ -260,9 +266,9 @@ def test_metrics_route_label_is_the_template_never_the_id(router, httpserver):
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
-def test_a_get_or_delete_body_is_never_forwarded(router, httpserver, method):
+def test_a_get_or_delete_body_is_never_forwarded(shared, httpserver, method):
     seen = record_all(httpserver)
-    host, port = router.url.removeprefix("http://").split(":")
+    host, port = shared.url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
         body = b'{"model": "m", "smuggled": true}'
