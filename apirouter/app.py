@@ -267,7 +267,8 @@ class App:
         relayed = relayed_response_headers(upstream_response.headers.raw)
         content_type = upstream_response.headers.get("content-type", "")
         if content_type.startswith("text/event-stream"):
-            relayed = [h for h in relayed if h[0].lower() not in ("cache-control",)]
+            ours = {name.lower() for name, _ in SSE_HEADERS}  # replace, never duplicate
+            relayed = [h for h in relayed if h[0].lower() not in ours]
             relayed += SSE_HEADERS
             relay = SseRelay(
                 upstream_response,

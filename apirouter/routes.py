@@ -1,10 +1,11 @@
 """Path templates: which configured route a request path belongs to.
 
 A template such as ``/v1/files/{id}/content`` has literal segments and placeholders; a
-placeholder matches one *raw* path segment. Matching runs on the request URI as the client
-sent it, not on the percent-decoded path: model ids may contain ``/`` (the openai SDK sends
-``gpt%2F4``), and decoding first would split them into two segments. The raw value is what
-goes into the upstream path, so the upstream sees the id exactly as the client wrote it.
+placeholder matches one *raw* path segment (an empty one, ``.`` or ``..`` is refused with a
+400). Matching runs on the request URI as the client sent it, not on the percent-decoded
+path: model ids may contain ``/`` (the openai SDK sends ``gpt%2F4``), and decoding first
+would split them into two segments. The raw value is what goes into the upstream path, so
+the upstream sees the id exactly as the client wrote it.
 
 The template, never the concrete path, is the route label in metrics, logs and Sentry, so
 ids cannot explode label cardinality.
@@ -72,15 +73,18 @@ def _compile(template: str) -> re.Pattern[str]:
     parts = PLACEHOLDER.split(template)
     # split() alternates literal text and placeholder names
     regex = "".join(
-        re.escape(part) if index % 2 == 0 else f"(?P<{part}>[^/]+)"
+        # an empty segment matches too, so that check_segments answers 400, not 404
+        re.escape(part) if index % 2 == 0 else f"(?P<{part}>[^/]*)"
         for index, part in enumerate(parts)
     )
     return re.compile(regex)
 
 
 def check_segments(params: Mapping[str, str]) -> None:
-    """Refuse ``.`` and ``..`` as ids: the upstream would resolve them as path steps."""
+    """Refuse empty, ``.`` and ``..`` ids: the upstream would resolve them as path steps."""
     for name, value in params.items():
+        if not value:
+            raise errors.BadRequest(f"Path segment {{{name}}} must not be empty.")
         if unquote(value) in (".", ".."):
             raise errors.BadRequest(f"Path segment {{{name}}} must not be '.' or '..'.")
 

@@ -298,3 +298,91 @@ def test_truncated_upstream_response_gives_502(make_router):
     listener.close()
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_protocol_error"
+
+
+def test_sse_responses_tell_proxies_not_to_buffer(router, httpserver):
+    """Exactly one Cache-Control and one X-Accel-Buffering, whatever the upstream sent
+    (llama.cpp sends its own X-Accel-Buffering); JSON answers get neither added."""
+    response = sse_response(chat_stream(["a"]))
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Accel-Buffering"] = "yes"
+    httpserver.expect_request(CHAT, json={"model": "m", "stream": True}).respond_with_response(
+        response
+    )
+    capture(httpserver)
+    with httpx.stream("POST", router.url + CHAT, json={"model": "m", "stream": True}) as streamed:
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.headers.get_list("cache-control") == ["no-cache"]
+        assert streamed.headers.get_list("x-accel-buffering") == ["no"]
+        assert b"".join(streamed.iter_raw()).endswith(b"data: [DONE]\n\n")
+    plain = post(router, {"model": "m"})
+    assert plain.status_code == 200
+    assert "x-accel-buffering" not in plain.headers
+
+
+# --- configs written for the older router ------------------------------------------------------
+
+OLD_STYLE = {
+    "headers": {"Content-Type": "application/json"},
+    "modelMapping": {"whisper-1": "upstream-whisper"},
+    "endpoints": {
+        "/v1/audio/transcriptions": {
+            "upstreamPath": "/audio/transcriptions",
+            "method": "POST",
+            "requiresMultipart": True,
+            "headers": {"Content-Type": "application/json"},
+        }
+    },
+}
+
+
+def record_content_types(httpserver, path, method="POST"):
+    seen: list[tuple[str | None, bytes, dict]] = []
+
+    def handle(request: Request) -> Response:
+        body = request.get_data(cache=True)
+        seen.append((request.headers.get("Content-Type"), body, dict(request.form)))
+        return Response(json.dumps({"text": "ok"}), content_type="application/json")
+
+    httpserver.expect_request(path, method=method).respond_with_handler(handle)
+    return seen
+
+
+def test_old_style_content_type_never_relabels_a_multipart_upload(make_router, httpserver):
+    router = make_router(OLD_STYLE)
+    seen = record_content_types(httpserver, "/v1/audio/transcriptions")
+    boundary = "----client-boundary-7MA4YWxkTrZu0gW"
+    body = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="model"\r\n\r\n'
+        "whisper-1\r\n"
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+        "Content-Type: audio/wav\r\n\r\n"
+        "RIFF-fake-audio\r\n"
+        f"--{boundary}--\r\n"
+    ).encode()
+    response = httpx.post(
+        router.url + "/v1/audio/transcriptions",
+        content=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 200
+    [(content_type, _, form)] = seen
+    assert content_type == f"multipart/form-data; boundary={boundary}"
+    assert form == {"model": "upstream-whisper"}  # the upstream could parse it as multipart
+
+
+def test_old_style_config_json_routes_send_json_and_empty_bodies_send_none(make_router, httpserver):
+    router = make_router(OLD_STYLE)
+    chat = record_content_types(httpserver, CHAT)
+    cancel = record_content_types(httpserver, "/v1/batches/batch_1/cancel")
+    listed = record_content_types(httpserver, "/v1/files", method="GET")
+    payload = b'{"model": "m", "messages": []}'
+    vendor_json = {"Content-Type": "application/vnd.example+json"}
+    assert httpx.post(router.url + CHAT, content=payload, headers=vendor_json).status_code == 200
+    assert httpx.post(router.url + "/v1/batches/batch_1/cancel").status_code == 200
+    assert httpx.get(router.url + "/v1/files").status_code == 200
+    assert chat == [("application/json", payload, {})]
+    assert cancel == [(None, b"", {})]
+    assert listed == [(None, b"", {})]
