@@ -310,7 +310,7 @@ def _model(alias: str, config: ProviderConfig) -> dict[str, Any]:
 
 
 def _not_found(path: str) -> errors.RouterError:
-    if path == _REALTIME or path.startswith(_REALTIME + "/"):
+    if path == _REALTIME:  # /v1/realtime/client_secrets and /calls are plain HTTP
         return errors.NotImplementedHere(
             "The Realtime API uses WebSockets, which apirouter (a WSGI application) cannot "
             "carry: connect to the provider directly for /v1/realtime."

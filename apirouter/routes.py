@@ -81,12 +81,19 @@ def _compile(template: str) -> re.Pattern[str]:
 
 
 def check_segments(params: Mapping[str, str]) -> None:
-    """Refuse empty, ``.`` and ``..`` ids: the upstream would resolve them as path steps."""
+    """Refuse empty, ``.`` and ``..`` ids: the upstream would resolve them as path steps.
+
+    That includes steps hidden behind an encoded slash (``..%2F..%2Fadmin``): an upstream
+    that decodes ``%2F`` before routing would walk out of the route, carrying our key.
+    """
     for name, value in params.items():
         if not value:
             raise errors.BadRequest(f"Path segment {{{name}}} must not be empty.")
-        if unquote(value) in (".", ".."):
-            raise errors.BadRequest(f"Path segment {{{name}}} must not be '.' or '..'.")
+        if any(step in (".", "..") for step in unquote(value).replace("\\", "/").split("/")):
+            raise errors.BadRequest(
+                f"Path segment {{{name}}} must not be '.' or '..', nor contain them between "
+                "slashes."
+            )
 
 
 def raw_path(environ: Mapping[str, Any]) -> str:

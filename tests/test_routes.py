@@ -204,6 +204,8 @@ def test_custom_template_route_fills_its_placeholders_into_the_upstream_path(
         ("DELETE", "/v1/files/%2E.", "id"),
         ("GET", "/v1/models/%2e", "model"),
         ("POST", "/v1/responses/.%2e/cancel", "id"),
+        ("GET", "/v1/files/..%2F..%2Fadmin", "id"),
+        ("GET", "/v1/models/org%2F..%2Fsecret", "model"),
         ("GET", "/v1/files//content", "id"),
         ("GET", "/v1/responses/", "id"),
     ],
