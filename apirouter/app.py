@@ -34,6 +34,7 @@ from apirouter.headers import relayed_response_headers
 from apirouter.inbound import JSON, Inbound
 from apirouter.keys import ANONYMOUS, anonymize
 from apirouter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from apirouter.probes import HealthChecker
 from apirouter.ratelimit import RateLimiter
 from apirouter.relay import SseRelay
 from apirouter.report import Reporter
@@ -92,6 +93,9 @@ class App:
             self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
         )
         self.reporter.watch_upstreams(config)
+        self.health_checker = HealthChecker(
+            lambda: self.store.current, self.upstream, self.reporter, settings.environment, clock
+        )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 

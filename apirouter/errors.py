@@ -29,7 +29,9 @@ keeps its own mapping table.
         ├── UpstreamTLSError            502 TLS handshake or certificate failure
         ├── UpstreamProtocolError       502 broken or truncated HTTP response
         ├── UpstreamTimeout             504
-        └── UpstreamServerError         the upstream's own 5xx, passed through as sent
+        ├── UpstreamServerError         the upstream's own 5xx, passed through as sent
+        └── HealthCheckFailed           an active health check got a 5xx (no client involved)
+            └── HealthCheckAuth         ... or a 401/403: the operator's key was refused
 
 Upstream 4xx responses are the client's business: passed through untouched and never an
 error here. httpx exceptions are translated into this tree in exactly one place,
@@ -215,3 +217,15 @@ class UpstreamServerError(UpstreamFailure):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class HealthCheckFailed(UpstreamFailure):
+    """An active health check's answer was a 5xx. No client request is involved."""
+
+    error_type = "health_check_failed"
+
+
+class HealthCheckAuth(HealthCheckFailed):
+    """The upstream refused the operator's key: a rotated key is an outage too."""
+
+    error_type = "health_check_auth"

@@ -84,6 +84,12 @@ class Metrics:
             ["from_provider", "to_provider"],
             registry=registry,
         )
+        self.health_checks = Counter(
+            "apirouter_health_checks",
+            "Active health checks, by provider, upstream and result (ok or an error type).",
+            ["provider", "upstream", "result"],
+            registry=registry,
+        )
         self.upstream_state = Gauge(
             "apirouter_upstream_state",
             "Breaker state per upstream: 0 healthy, 1 cooling down, 2 probing.",

@@ -131,6 +131,17 @@ class Reporter:
         self._attempted(target, "failed")
         self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
 
+    def probe_succeeded(self, target: Target) -> None:
+        self.metrics.health_checks.labels(target.provider.name, target.upstream.name, "ok").inc()
+        self._upstream_succeeded(target)
+
+    def probe_failed(self, target: Target, error: errors.RouterError, status: int) -> None:
+        """A failed health check fills the same window as a failed request would."""
+        self.metrics.health_checks.labels(
+            target.provider.name, target.upstream.name, error.error_type
+        ).inc()
+        self._upstream_failed(target, Failure(error.error_type, status, "health-check"))
+
     def fell_back(self, from_provider: str, to_provider: str) -> None:
         self.metrics.fallbacks.labels(from_provider, to_provider).inc()
 

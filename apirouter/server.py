@@ -61,6 +61,7 @@ def run(
             signal.signal(signum, lambda *_: stopping.set())
     watcher = threading.Thread(target=watch_config, args=(app, stopping), daemon=True)
     watcher.start()
+    threading.Thread(target=app.health_checker.run, args=(stopping,), daemon=True).start()
     socket_map = getattr(server, "map", None) or server._map
     on_ready()
     try:

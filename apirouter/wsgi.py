@@ -18,6 +18,6 @@ from apirouter.settings import Settings, read_environment
 settings = Settings.from_env(read_environment())
 logs.setup(settings.log_format, settings.log_level)
 application = build(settings, None, tracking_enabled=tracking.init(settings))
-threading.Thread(
-    target=server.watch_config, args=(application, threading.Event()), daemon=True
-).start()
+_forever = threading.Event()  # the host server owns the process: these run until it exits
+threading.Thread(target=server.watch_config, args=(application, _forever), daemon=True).start()
+threading.Thread(target=application.health_checker.run, args=(_forever,), daemon=True).start()

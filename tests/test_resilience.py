@@ -420,3 +420,52 @@ def test_the_first_byte_timeout_ends_once_the_headers_arrive(make_router, httpse
         body = b"".join(response.iter_raw())
     assert response.status_code == 200
     assert all(word in body for word in (b"one", b"two", b"three"))
+
+
+def test_health_checks_cool_an_upstream_whose_key_was_rotated_and_recover_it(
+    sentry, make_router, httpserver, ingest
+):
+    sentry()
+    clock = FakeClock(1000.0)
+    state = {"status": 401}
+    seen = []
+
+    def models(request: Request) -> Response:
+        seen.append(request.headers.get("Authorization"))
+        return Response('{"data": []}', status=state["status"], content_type="application/json")
+
+    httpserver.expect_request("/a/v1/models").respond_with_handler(models)
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_handler(ok_handler("b"))
+    httpserver.expect_request("/b/v1/models").respond_with_json({"data": []})
+    config = {
+        "upstreams": [
+            {"name": "a", "baseUrl": httpserver.url_for("/a/v1"), "apiKeyEnv": "A_KEY"},
+            {"name": "b", "baseUrl": httpserver.url_for("/b/v1")},
+        ],
+        "healthCheck": {"path": "/models", "intervalSecs": 10},
+    }
+    router = make_router(
+        config,
+        tracking_enabled=True,
+        clock=clock,
+        alert_threshold=2,
+        environment={"A_KEY": "op-key"},
+    )
+    checker = router.app.health_checker
+    for _ in range(2):
+        assert checker.probe_due() == 2  # both upstreams are probed every interval
+        clock.now += 10
+    assert seen[:2] == ["Bearer op-key", "Bearer op-key"]  # the operator's key, nothing else
+    health = httpx.get(router.url + "/health").json()
+    states = {u["name"]: (u["state"], u["last_error"]) for u in health["upstreams"]}
+    assert states["a"] == ("cooling", "health_check_auth")
+    assert chat(router).headers["X-Apirouter-Upstream"] == "testprov/b"
+    state["status"] = 200
+    clock.now += 31
+    checker.probe_due()
+    assert httpx.get(router.url + "/health").json()["upstreams"][0]["state"] == "healthy"
+    events = ingest.wait_for_events(2)
+    kinds = [e["tags"].get("alert_type") for e in events]
+    assert kinds == ["repeated_upstream_failures", "upstream_recovered"]
+    labels = {"provider": "testprov", "upstream": "a", "result": "health_check_auth"}
+    assert router.sample("apirouter_health_checks_total", labels) == 2
