@@ -25,6 +25,7 @@ from apirouter.config import (
     load,
     shipped_providers,
 )
+from apirouter.headers import KEY_HEADERS
 from apirouter.settings import Settings, SettingsError
 from apirouter.tracking import masked_dsn
 
@@ -247,10 +248,47 @@ def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem
 
 def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
     """Things in a valid config that work but are risky."""
-    return _lint_document({"baseUrl": config.base_url, "modelMapping": config.model_mapping})
+    problems = _lint_document({"modelMapping": config.model_mapping})
+    for provider in (config, *config.fallbacks):
+        where = "$" if provider is config else f"$.fallbacks[{provider.name}]"
+        for upstream in provider.upstreams:
+            problems += _lint_document({"baseUrl": upstream.base_url}, f"{where}.baseUrl")
+            problems += _lint_key_variable(upstream.api_key_env, where, settings)
+        problems += _lint_literal_keys(provider, where)
+    return problems
 
 
-def _lint_document(document: Any) -> list[Problem]:
+def _lint_literal_keys(config: ProviderConfig, where: str) -> list[Problem]:
+    """Keys belong in the environment: a key in a config file ends up in version control."""
+    places = [(f"{where}.headers", config.headers)] + [
+        (f'{where}.endpoints["{path}"].headers', endpoint.headers)
+        for path, endpoint in config.endpoints.items()
+    ]
+    return [
+        warning(
+            f"{path}.{name}",
+            "a literal API key in the config file",
+            "move it to the environment and name it with apiKeyEnv on the upstream",
+        )
+        for path, headers in places
+        for name, value in headers.items()
+        if name.lower() in KEY_HEADERS and value.strip()
+    ]
+
+
+def _lint_key_variable(name: str | None, where: str, settings: Settings | None) -> list[Problem]:
+    if name is None or settings is None or settings.environment.get(name):
+        return []
+    return [
+        warning(
+            f"{where}.upstreams",
+            f"apiKeyEnv names {name}, which is not set here",
+            f"set {name} where apirouter runs; without it no key is sent to that upstream",
+        )
+    ]
+
+
+def _lint_document(document: Any, base_url_path: str = "$.baseUrl") -> list[Problem]:
     """Config warnings from raw JSON, so a config with errors still gets its warnings."""
     if not isinstance(document, dict):
         return []
@@ -264,7 +302,7 @@ def _lint_document(document: Any) -> list[Problem]:
     ):
         problems.append(
             warning(
-                "$.baseUrl",
+                base_url_path,
                 "plain http to a non-loopback host: keys and prompts travel unencrypted",
                 "use https://",
             )

@@ -96,3 +96,30 @@ def test_shipped_config_is_the_json_of_the_shipped_file():
     assert json.loads(text)["baseUrl"] == config.base_url
     with pytest.raises(UsageError):
         diagnostics.shipped_config("nope")
+
+
+def test_literal_keys_and_unset_key_variables_are_warned_about():
+    from apirouter.settings import Settings
+
+    config = parse(
+        json.dumps(
+            {
+                "upstreams": [
+                    {"baseUrl": "https://a.example/v1", "apiKeyEnv": "A_KEY"},
+                    {"baseUrl": "https://b.example/v1", "apiKeyEnv": "B_KEY"},
+                ],
+                "headers": {"Authorization": "Bearer sk-literal-0123456789"},
+                "endpoints": {"/v1/messages": {"headers": {"x-api-key": "literal"}}},
+            }
+        ),
+        source="t",
+    )
+    settings = Settings.from_env({"A_KEY": "set"})
+    problems = diagnostics.lint_config(config, settings)
+    assert paths(problems, "warning") == [
+        "$.upstreams",  # B_KEY is not set
+        "$.headers.Authorization",
+        '$.endpoints["/v1/messages"].headers.x-api-key',
+    ]
+    assert "B_KEY" in problems[0].message and "A_KEY" not in problems[0].message
+    assert all("sk-literal" not in p.message + p.hint for p in problems)
