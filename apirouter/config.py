@@ -73,6 +73,9 @@ class RateLimit:
 @dataclass(frozen=True)
 class StreamConfig:
     heartbeat_interval_secs: float = 30.0
+    # Ask for the final usage chunk on streaming chat requests that do not (clients then
+    # see one last chunk with empty `choices`): the one exception to "only model changes".
+    include_usage: bool = False
 
 
 @dataclass(frozen=True)
@@ -509,13 +512,19 @@ def _rate_limit(value: Any, path: str, problems: Problems) -> RateLimit | None:
 
 
 def _stream_config(value: Any, path: str, problems: Problems) -> StreamConfig | None:
-    fields = {"bufferSize": _int_range(1, 16 * 1024 * 1024), "heartbeatIntervalSecs": _seconds}
+    fields = {
+        "bufferSize": _int_range(1, 16 * 1024 * 1024),
+        "heartbeatIntervalSecs": _seconds,
+        "includeUsage": _boolean,
+    }
     parsed = _object(value, path, problems, fields)
     if parsed is None or None in parsed.values():
         return None
     # bufferSize is accepted so the older router's configs load; chunks are relayed as
     # they arrive, so there is no buffer to size.
-    return StreamConfig(parsed.get("heartbeatIntervalSecs", 30.0))
+    return StreamConfig(
+        parsed.get("heartbeatIntervalSecs", 30.0), parsed.get("includeUsage", False)
+    )
 
 
 _ENDPOINT_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {

@@ -84,7 +84,8 @@ class Inbound:
             return multipart_body(raw, content_type, mapping, required=endpoint.requires_model)
         if media_type != JSON and not media_type.endswith("+json"):
             raise _wrong_media_type(endpoint, JSON, media_type)
-        return json_body(raw, mapping, required=endpoint.requires_model)
+        ask_usage = endpoint.stream_config.include_usage and endpoint.local_path in USAGE_ROUTES
+        return json_body(raw, mapping, required=endpoint.requires_model, ask_usage=ask_usage)
 
 
 def parse(environ: Mapping[str, Any], route: str) -> Inbound:
@@ -154,7 +155,13 @@ def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.Rou
     )
 
 
-def json_body(raw: bytes, mapping: Mapping[str, str], *, required: bool = True) -> Body:
+USAGE_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
+_ASK_USAGE = '"stream_options": {"include_usage": true}, '
+
+
+def json_body(
+    raw: bytes, mapping: Mapping[str, str], *, required: bool = True, ask_usage: bool = False
+) -> Body:
     """Validate a JSON request body and map its model; every other byte is untouched.
 
     The mapped model is spliced into the original text rather than re-serialising the
@@ -178,10 +185,15 @@ def json_body(raw: bytes, mapping: Mapping[str, str], *, required: bool = True) 
     if not isinstance(model, str) or not model.strip():
         raise errors.BadRequest("'model' must be a non-empty string.")
     target = mapping.get(model)
-    if target is None:
+    add_usage = ask_usage and stream and "stream_options" not in members
+    if target is None and not add_usage:
         return Body(raw, stream, pinned=pinned)
-    spliced = text[:start] + json.dumps(target, ensure_ascii=False) + text[end:]
-    return Body(spliced.encode("utf-8"), stream, pinned=pinned)
+    if target is not None:
+        text = text[:start] + json.dumps(target, ensure_ascii=False) + text[end:]
+    if add_usage:  # right after the opening brace: the object has members (model at least)
+        brace = text.index("{")
+        text = text[: brace + 1] + _ASK_USAGE + text[brace + 1 :]
+    return Body(text.encode("utf-8"), stream, pinned=pinned)
 
 
 _DECODER = json.JSONDecoder()

@@ -46,3 +46,24 @@ def test_client_key_sources():
     assert client_key({"x-api-key": "xyz"}) == "xyz"
     assert client_key({"authorization": "Basic Zm9v"}) is None
     assert client_key({}) is None
+
+
+def test_include_usage_is_spliced_into_streaming_requests_that_do_not_ask():
+    import json
+
+    from apirouter.inbound import json_body
+
+    raw = (
+        b' {"model": "fast", "stream": true, "messages": [{"role": "user", "content": "\\ud800"}]}'
+    )
+    body = json_body(raw, {"fast": "big"}, ask_usage=True)
+    document = json.loads(body.data)
+    assert document["stream_options"] == {"include_usage": True}
+    assert document["model"] == "big" and document["messages"] == json.loads(raw)["messages"]
+    assert body.data.replace(b'"stream_options": {"include_usage": true}, ', b"") == raw.replace(
+        b'"fast"', b'"big"'
+    )
+    asked = b'{"model": "m", "stream": true, "stream_options": {"include_usage": false}}'
+    assert json_body(asked, {}, ask_usage=True).data is asked  # the client decided
+    plain = b'{"model": "m", "stream": false}'
+    assert json_body(plain, {}, ask_usage=True).data is plain  # not streaming
