@@ -171,7 +171,7 @@ class App:
                 "provider": config.name,
                 "upstream": config.base_url,
                 "uptime_seconds": round(self.clock() - self.started, 3),
-                "sentry_enabled": self.tracking_enabled,
+                "sentry": tracking.health(self.tracking_enabled),
                 "rate_limiter": {"buckets": len(self.limiter)},
             }
         )
