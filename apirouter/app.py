@@ -202,7 +202,7 @@ class App:
             "uptime_seconds": round(self.clock() - self.started, 3),
             "can_serve": self.reporter.breakers.can_serve(config),
             "upstreams": self.reporter.breakers.describe(config),
-            "sentry_enabled": self.reporter.tracking_enabled,
+            "sentry": self.reporter.sentry_health(),
             "rate_limiter": {"buckets": len(self.limiter)},
         }
 

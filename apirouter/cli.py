@@ -400,10 +400,10 @@ def _render_drill(report: firedrill.DrillReport) -> None:
         f"2. Fired {report.failures} synthetic upstream failure(s) ({report.mode}) at "
         f"provider {report.provider}; alert threshold {report.threshold}"
     )
-    table = Table("event", "level", "event id", "answer", box=None, pad_edge=False)
+    table = Table("event", "level", "event id", "state", "answer", box=None, pad_edge=False)
     for d in report.deliveries:
         if d.kind != "dsn-check":
-            table.add_row(d.kind, d.level, d.event_id[:12], d.answer)
+            table.add_row(d.kind, d.level, d.event_id[:12], d.state or "-", d.answer)
     out.print("3. Delivery:")
     out.print(table)
     _render_verdict(report)

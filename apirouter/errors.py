@@ -41,6 +41,9 @@ error here. httpx exceptions are translated into this tree in exactly one place,
 from __future__ import annotations
 
 import json
+from typing import Literal
+
+SentryLevel = Literal["fatal", "error", "warning", "info", "debug"]
 
 
 class RouterError(Exception):
@@ -49,7 +52,7 @@ class RouterError(Exception):
     status: int = 500
     error_type: str = "internal_error"
     openai_type: str = "server_error"
-    sentry_level: str = "error"
+    sentry_level: SentryLevel = "error"
     reported: bool = True
     upstream_failure: bool = False
 
@@ -71,7 +74,7 @@ class ClientError(RouterError):
     """The client sent something we cannot accept. Not a Sentry event by default."""
 
     openai_type = "invalid_request_error"
-    sentry_level = "info"
+    sentry_level: SentryLevel = "info"
     reported = False
 
 
@@ -147,7 +150,7 @@ class ClientDisconnected(RouterError):
 
     status = 499
     error_type = "client_disconnected"
-    sentry_level = "info"
+    sentry_level: SentryLevel = "info"
     reported = False
 
 
@@ -157,7 +160,7 @@ class NoHealthyUpstream(RouterError):
 
     status = 503
     error_type = "no_healthy_upstream"
-    sentry_level = "warning"
+    sentry_level: SentryLevel = "warning"
 
     def __init__(self, message: str, retry_after_seconds: int) -> None:
         super().__init__(message)

@@ -39,6 +39,7 @@ from apirouter import tracking
 from apirouter.alerting import REPEATED_FAILURES
 from apirouter.app import App
 from apirouter.config import PROVIDER_NAME, ConfigInvalid, ProviderConfig, load, parse
+from apirouter.delivery import state_for
 from apirouter.diagnostics import UsageError
 from apirouter.settings import Settings, SettingsError
 
@@ -95,6 +96,7 @@ class Delivery:
     status: int | None = None
     answer: str = ""  # the server's answer in words, or what would be sent (dry run)
     retry_after: str | None = None
+    state: str = ""  # the same word /health uses (ok, rejected, rate_limited, unreachable)
 
 
 @dataclass
@@ -171,8 +173,10 @@ class RecordingTransport(Transport):
             )
         except httpx.HTTPError as exc:
             delivery.answer = _network_reason(exc, self._auth.host)
+            delivery.state = state_for(None)
             return
         delivery.status = response.status_code
+        delivery.state = state_for(response.status_code)
         delivery.retry_after = response.headers.get("Retry-After")
         delivery.accepted = response.status_code == 200
         delivery.answer = _status_reason(response, delivery.event_id)

@@ -8,20 +8,65 @@ Latency buckets reach ten minutes, because LLM calls are slow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from apirouter import __version__
+from apirouter import __version__, delivery
+from apirouter.delivery import REASONS, DeliveryReport
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+class SentryCollector(Collector):
+    """Sentry delivery, read at scrape time from the long-lived delivery state of the SDK
+    client (one per process, like the SDK itself): suppressed, dropped, failed, last accepted.
+    With Sentry off the families are there with no samples."""
+
+    def __init__(self, source: Callable[[], DeliveryReport | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        suppressed = CounterMetricFamily(
+            "apirouter_sentry_events_suppressed",
+            "Per-request events held back by APIROUTER_SENTRY_EVENTS_PER_MINUTE.",
+            labels=["provider", "error_type"],
+        )
+        dropped = CounterMetricFamily(
+            "apirouter_sentry_events_dropped",
+            "Events lost on the way to Sentry, by reason (deliberate drops excluded).",
+            labels=["reason"],
+        )
+        failures = CounterMetricFamily(
+            "apirouter_sentry_delivery_failures",
+            "Deliveries to Sentry that failed (alerts count each attempt), by reason.",
+            labels=["reason"],
+        )
+        last = GaugeMetricFamily(
+            "apirouter_sentry_last_accepted_timestamp_seconds",
+            "Unix time Sentry last accepted an envelope; 0 if never.",
+        )
+        report = self._source()
+        if report is not None:
+            for (provider, error_type), count in report.suppressed.items():
+                suppressed.add_metric([provider, error_type], count)
+            for reason in REASONS:
+                dropped.add_metric([reason], report.dropped[reason])
+                failures.add_metric([reason], report.failures[reason])
+            last.add_metric([], report.last_accepted or 0.0)
+        return [suppressed, dropped, failures, last]
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(
+        self, sentry: Callable[[], DeliveryReport | None] = delivery.current_report
+    ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        registry.register(SentryCollector(sentry))
         self.requests = Counter(
             "apirouter_requests",
             "Requests answered, by route, method and status.",

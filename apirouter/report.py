@@ -60,6 +60,10 @@ class Reporter:
         """Requests begun and not yet finished (streams count until their last byte)."""
         return self._in_flight
 
+    def sentry_health(self) -> dict[str, object]:
+        """Is Sentry accepting what we send? (the /health ``sentry`` object)"""
+        return tracking.health(self.tracking_enabled)
+
     def begin(self) -> None:
         with self._lock:
             self._in_flight += 1

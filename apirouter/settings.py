@@ -218,6 +218,14 @@ VARIABLES: tuple[Variable, ...] = (
         "Also send client errors (4xx we return) to Sentry, at level info.",
     ),
     Variable(
+        "APIROUTER_SENTRY_EVENTS_PER_MINUTE",
+        "sentry_events_per_minute",
+        _positive_int,
+        "60",
+        "Most per-request Sentry events per (provider, error_type) a minute; the rest are "
+        "counted in apirouter_sentry_events_suppressed_total (alerts are never capped).",
+    ),
+    Variable(
         "APIROUTER_ALERT_THRESHOLD",
         "alert_threshold",
         _positive_int,
@@ -258,6 +266,7 @@ class Settings:
     sentry_environment: str
     sentry_release: str
     sentry_client_errors: bool
+    sentry_events_per_minute: int
     alert_threshold: int
     alert_window_seconds: float
     alert_throttle_seconds: float

@@ -12,24 +12,32 @@ Rules (DESIGN.md §4), each enforced here:
   looks like a secret.
 - A failure already captured is logged with ``extra={"sentry_reported": True}`` and the
   logging integration's copy is dropped, so each failure is reported exactly once.
+- Per-request events are capped per (provider, error_type) before they reach the SDK; what
+  the cap holds back is counted, and alerts travel a path of their own (``delivery.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations.argv import ArgvIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
+from sentry_sdk.types import Event, Hint
 from sentry_sdk.utils import Dsn
 
+from apirouter import delivery
 from apirouter.alerting import Alert, Recovery
 from apirouter.config import ConfigInvalid
 from apirouter.context import RequestContext
+from apirouter.delivery import Delivery, DeliveryStats, RetryPolicy
 from apirouter.errors import ConfigError, InternalError, RouterError
+from apirouter.eventcap import EventCap
 from apirouter.settings import Settings
 
 # Logging `extra` marking a failure already sent to Sentry: its log line must not be sent again.
@@ -49,10 +57,30 @@ def masked_dsn(dsn: str) -> str:
     return f"{parsed.scheme}://***@{parsed.netloc}{parsed.path}{parsed.project_id}"
 
 
-def init(settings: Settings, transport: Any = None) -> bool:
-    """Initialise the SDK if a DSN is configured. Call before the server starts threads."""
+OFF = {"state": "off", "last_accepted": None}
+
+
+def init(
+    settings: Settings,
+    transport: Any = None,
+    *,
+    retry: RetryPolicy | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Initialise the SDK if a DSN is configured. Call before the server starts threads.
+
+    Without a ``transport`` (test-alert passes its own), events go through the
+    ``RouterTransport``: alerts on their own path, losses counted, the last answer kept."""
     if not settings.sentry_dsn:
         return False
+    if transport is None:
+        state = Delivery(
+            DeliveryStats(),
+            EventCap(settings.sentry_events_per_minute, clock),
+            retry or RetryPolicy(),
+            clock,
+        )
+        transport = state.transport_class()
     sample_rate = settings.sentry_sample_rate
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
@@ -80,15 +108,16 @@ def init(settings: Settings, transport: Any = None) -> bool:
     return True
 
 
-def _is_alert(event: dict[str, Any]) -> bool:
+def _is_alert(event: Event) -> bool:
     return "alert_type" in (event.get("tags") or {})
 
 
-def before_send(event: dict[str, Any], hint: dict[str, Any]) -> dict[str, Any] | None:
+def before_send(event: Event, hint: Hint) -> Event | None:
     record = hint.get("log_record") if hint else None
     if record is not None and getattr(record, "sentry_reported", False):
         return None  # this failure was captured directly; the log line is its echo
-    return _scrub(event)
+    scrubbed: Event = _scrub(event)
+    return scrubbed
 
 
 def _scrub(value: Any) -> Any:
@@ -116,11 +145,29 @@ def request_tags(ctx: RequestContext) -> dict[str, str]:
     }
 
 
+def health(enabled: bool) -> dict[str, Any]:
+    """The ``sentry`` object of ``/health``: the server's last answer and last acceptance."""
+    report = delivery.current_report() if enabled else None
+    return report.health() if report is not None else dict(OFF)
+
+
+def _admitted(provider: str, error_type: str) -> int | None:
+    """Ask the cap; ``None`` = suppressed (counted), else the count to report on this event."""
+    current = delivery.current()
+    return 0 if current is None else current.cap.admit(provider, error_type)
+
+
 def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str | None:
-    """Send one event for a failed request, on an isolation scope of its own."""
+    """Send one event for a failed request, on an isolation scope of its own, unless the
+    per-group cap suppresses it (then it is counted, and reported on the group's next event)."""
+    suppressed_before = _admitted(ctx.provider, error.error_type)
+    if suppressed_before is None:
+        return None
     with sentry_sdk.isolation_scope() as scope:
         scope.set_tags(request_tags(ctx))
         scope.set_tag("error_type", error.error_type)
+        if suppressed_before:
+            scope.set_tag("suppressed_since_last", str(suppressed_before))
         scope.set_tag("status_code", str(status))
         scope.set_level(error.sentry_level)
         scope.set_context(

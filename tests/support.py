@@ -129,6 +129,9 @@ class Ingest:
     auth_headers: list[str] = field(default_factory=list)
     status: int = 200
     retry_after: str | None = None
+    # per-envelope answer (status, Retry-After), overriding the two knobs above when set
+    answer: Callable[[Envelope], tuple[int, str | None]] | None = None
+    received_at: list[float] = field(default_factory=list)  # time.monotonic() per envelope
 
     @property
     def dsn(self) -> str:
@@ -137,10 +140,17 @@ class Ingest:
     def handle(self, request: Request) -> Response:
         self.auth_headers.append(request.headers.get("X-Sentry-Auth", ""))
         envelope = decode_envelope(request.get_data(), request.headers.get("Content-Encoding"))
+        status, retry_after = (
+            self.answer(envelope) if self.answer else (self.status, self.retry_after)
+        )
+        self.received_at.append(time.monotonic())
         self.envelopes.append(envelope)
-        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-        body = json.dumps({"id": envelope.headers.get("event_id")}) if self.status == 200 else "{}"
-        return Response(body, status=self.status, headers=headers, content_type="application/json")
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        body = json.dumps({"id": envelope.headers.get("event_id")}) if status == 200 else "{}"
+        return Response(body, status=status, headers=headers, content_type="application/json")
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if "alert_type" in (e.get("tags") or {})]
 
     @property
     def events(self) -> list[dict[str, Any]]:

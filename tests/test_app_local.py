@@ -151,7 +151,7 @@ def test_health(router):
     assert health["version"] == __version__
     assert health["uptime_seconds"] >= 0
     assert health["rate_limiter"] == {"buckets": 0}
-    assert health["sentry_enabled"] is False
+    assert health["sentry"] == {"state": "off", "last_accepted": None}
 
 
 def test_models_come_from_the_config(make_router):

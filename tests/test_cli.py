@@ -175,6 +175,7 @@ def test_test_alert_accepted_end_to_end(ingest):
     kinds = [d["kind"] for d in report["deliveries"]]
     assert kinds == ["dsn-check"] + ["error"] * 5 + ["alert"]
     assert all(d["accepted"] and d["status"] == 200 for d in report["deliveries"])
+    assert {d["state"] for d in report["deliveries"]} == {"ok"}  # the words /health uses
     assert report["search"] == "alert_type:repeated_upstream_failures provider:drill-test-alert"
     alert = next(e for e in ingest.events if e["tags"].get("alert_type"))
     assert alert["tags"]["provider"] == "drill-test-alert"
@@ -202,25 +203,31 @@ def test_test_alert_below_threshold_is_a_failure(ingest):
 
 
 @pytest.mark.parametrize(
-    ("status", "retry", "words"),
+    ("status", "retry", "words", "state"),
     [
-        (401, None, "rejected (HTTP 401)"),
-        (403, None, "rejected (HTTP 403)"),
-        (429, "60", "rate limited by Sentry (HTTP 429): retry after 60s"),
+        (401, None, "rejected (HTTP 401)", "rejected"),
+        (403, None, "rejected (HTTP 403)", "rejected"),
+        (429, "60", "rate limited by Sentry (HTTP 429): retry after 60s", "rate_limited"),
     ],
 )
-def test_test_alert_server_refusals_exit_1(ingest, status, retry, words):
+def test_test_alert_server_refusals_exit_1(ingest, status, retry, words, state):
     ingest.status, ingest.retry_after = status, retry
     result = invoke("test-alert", "--dsn", ingest.dsn)
     assert result.exit_code == 1
     assert words in result.output
     assert len(ingest.envelopes) == 1  # the DSN check only: nothing fired after a refusal
+    report = json.loads(invoke("test-alert", "--dsn", ingest.dsn, "--json").stdout)
+    assert report["deliveries"][0]["state"] == state  # the words /health uses
 
 
 def test_test_alert_unreachable_dsn(ingest):
     result = invoke("test-alert", "--dsn", "http://key@nonexistent.invalid/1", "--timeout", "3")
     assert result.exit_code == 1
     assert "could not be resolved" in result.output
+    report = json.loads(
+        invoke("test-alert", "--dsn", "http://key@nonexistent.invalid/1", "--json").stdout
+    )
+    assert report["deliveries"][0]["state"] == "unreachable"
 
 
 def test_test_alert_dry_run_opens_no_socket_to_the_dsn_host(ingest):

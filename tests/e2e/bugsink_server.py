@@ -40,6 +40,23 @@ print("PROJECT " + json.dumps({"dsn": project.dsn, "project": project.id,
                                "token": AuthToken.create_full_access().token}))
 """
 
+_NEW_PROJECT_SCRIPT = """
+import json
+from teams.models import Team
+from projects.models import Project
+project = Project.objects.create(team=Team.objects.get(name="apirouter"), name={name!r})
+print("PROJECT " + json.dumps({{"dsn": project.dsn, "project": project.id}}))
+"""
+
+_ROTATE_KEY_SCRIPT = """
+import uuid
+from projects.models import Project
+project = Project.objects.get(id={project})
+project.sentry_key = uuid.uuid4()
+project.save()
+print("DSN " + project.dsn)
+"""
+
 _SETTINGS = """
 # --- apirouter e2e overrides ---
 DATABASES["default"]["NAME"] = {db!r}
@@ -176,6 +193,30 @@ class BugsinkServer:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
 
+    # --- projects --------------------------------------------------------------------------
+
+    def _shell(self, script: str) -> str:
+        return subprocess.run(
+            [str(VENV / "bin" / "bugsink-manage"), "shell", "-c", script],
+            cwd=self.directory,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    def new_project(self, name: str) -> tuple[str, int]:
+        """Another project of the same team, so a test counts only its own events:
+        (DSN, project id)."""
+        output = self._shell(_NEW_PROJECT_SCRIPT.format(name=name))
+        project = json.loads(output.split("PROJECT ", 1)[1])
+        return project["dsn"], project["project"]
+
+    def rotate_key(self, project: int) -> str:
+        """Give the project a new key, as an operator rotating it would: the old DSN is
+        refused from now on (Bugsink reads the key per request). Returns the new DSN."""
+        output = self._shell(_ROTATE_KEY_SCRIPT.format(project=project))
+        return output.split("DSN ", 1)[1].strip()
+
     # --- reading back what arrived ------------------------------------------------------------
 
     def api(self, path: str, **params) -> dict:
@@ -188,11 +229,25 @@ class BugsinkServer:
         response.raise_for_status()
         return response.json()
 
-    def issues(self) -> list[dict]:
-        return self.api("issues/", project=self.project)["results"]
+    def issues(self, project: int | None = None) -> list[dict]:
+        return self.api("issues/", project=project or self.project)["results"]
 
     def events_of(self, issue_id: str) -> list[dict]:
-        return self.api("events/", issue=issue_id)["results"]
+        """Every event of an issue (summaries, without data), following the pages."""
+        page = self.api("events/", issue=issue_id)
+        found = page["results"]
+        while page.get("next"):
+            response = httpx.get(
+                page["next"], headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+            )
+            response.raise_for_status()
+            page = response.json()
+            found += page["results"]
+        return found
+
+    def event_summaries(self, project: int) -> list[dict]:
+        """Every event of a project, without data (cheap enough to poll)."""
+        return [e for issue in self.issues(project) for e in self.events_of(issue["id"])]
 
     def event(self, event_id: str) -> dict:
         """The stored event for an SDK event id (full data: tags, contexts, level...)."""

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,12 @@ class RouterProcess:
     process: subprocess.Popen
     url: str
     banner: list[str]
+    log: deque[str]  # the last lines of its stderr (read all along: a full pipe would block it)
+
+
+def _drain(stream, into: deque[str]) -> None:
+    for line in stream:
+        into.append(line)
 
 
 @pytest.fixture
@@ -54,7 +62,9 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
         if "listening on" not in banner[0]:
             raise RuntimeError(f"apirouter did not start: {banner}")
         url = banner[0].split("listening on ")[1].strip()
-        return RouterProcess(process, url, banner)
+        log: deque[str] = deque(maxlen=200)
+        threading.Thread(target=_drain, args=(process.stderr, log), daemon=True).start()
+        return RouterProcess(process, url, banner, log)
 
     yield start
     for process in started:
