@@ -141,6 +141,8 @@ def request_tags(ctx: RequestContext) -> dict[str, str]:
         "method": ctx.method,
         "provider": ctx.provider,
         "upstream_host": ctx.upstream_host or "none",
+        "upstream": ctx.target.upstream.name if ctx.target else "none",
+        "attempts": str(len(ctx.attempts) + (1 if ctx.target else 0)),
         "client_key": ctx.key_label,
     }
 
@@ -170,6 +172,8 @@ def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str
             scope.set_tag("suppressed_since_last", str(suppressed_before))
         scope.set_tag("status_code", str(status))
         scope.set_level(error.sentry_level)
+        for attempt in ctx.attempts:  # the retried attempts before the one that failed last
+            scope.add_breadcrumb(category="upstream.attempt", level="warning", data=attempt)
         scope.set_context(
             "upstream",
             {

@@ -469,3 +469,23 @@ def test_health_checks_cool_an_upstream_whose_key_was_rotated_and_recover_it(
     assert kinds == ["repeated_upstream_failures", "upstream_recovered"]
     labels = {"provider": "testprov", "upstream": "a", "result": "health_check_auth"}
     assert router.sample("apirouter_health_checks_total", labels) == 2
+
+
+def test_a_request_that_finally_fails_is_one_event_with_its_attempts(
+    sentry, make_router, httpserver, ingest
+):
+    sentry()
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_data("down", status=503)
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_data("down", status=502)
+    config = two_upstreams(httpserver, httpserver.url_for("/a/v1"), httpserver.url_for("/b/v1"))
+    router = make_router(config, tracking_enabled=True, alert_threshold=100)
+    response = chat(router, headers={"X-Request-ID": "req-retried"})
+    assert response.status_code in (502, 503)
+    [event] = ingest.wait_for_events(1)
+    assert event["tags"]["request_id"] == "req-retried"
+    assert event["tags"]["attempts"] == "2"
+    assert event["tags"]["upstream"] == response.headers["X-Apirouter-Upstream"].split("/")[1]
+    [crumb] = [c for c in event["breadcrumbs"]["values"] if c["category"] == "upstream.attempt"]
+    assert crumb["data"]["status"] in (502, 503) and crumb["data"]["upstream"].startswith(
+        "testprov/"
+    )
