@@ -33,7 +33,6 @@ from apirouter.headers import relayed_response_headers
 from apirouter.inbound import JSON, Inbound
 from apirouter.keys import ANONYMOUS, anonymize
 from apirouter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from apirouter.ratelimit import RateLimiter
 from apirouter.relay import SseRelay
 from apirouter.report import Reporter
 from apirouter.settings import Settings
@@ -85,7 +84,7 @@ class App:
         self.reporter = Reporter(settings, tracking_enabled=tracking_enabled, clock=clock)
         self.store = ConfigStore(config, config_path, on_reload=self.reporter.config_reloaded)
         self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
-        self.limiter = RateLimiter(clock=clock)
+        self.limiter = self.reporter.state.limiter  # in-process, or Redis in fleet mode
         self.metrics = self.reporter.metrics
         self.metrics.track_bucket_count(lambda: len(self.limiter))
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
@@ -192,6 +191,7 @@ class App:
             "uptime_seconds": round(self.clock() - self.started, 3),
             "sentry_enabled": self.reporter.tracking_enabled,
             "rate_limiter": {"buckets": len(self.limiter)},
+            "redis": self.reporter.state.health(),
         }
 
     # --- the proxy -------------------------------------------------------------------------
@@ -304,6 +304,7 @@ class App:
 
     def close(self) -> None:
         self.upstream.close()
+        self.reporter.state.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------
