@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from support import Ingest, RedisServer, wait_until, write_config
+from prometheus_client.parser import text_string_to_metric_families
+from support import Ingest, RedisServer, free_port, wait_until, write_config
 
 from apirouter.alerting import RECOVERED, REPEATED_FAILURES
 from apirouter.tracking import REDIS_RECOVERED, REDIS_UNAVAILABLE
@@ -290,3 +291,86 @@ def test_every_key_has_a_ttl_after_ten_thousand_client_keys(
     ttls = pipe.execute()
     assert min(ttls) > 0  # -1 would be a key without a TTL
     assert all(key.startswith(b"fleet:v1:") for key in keys)
+
+
+# --- gunicorn: four workers, one server -------------------------------------------------------
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_gunicorn_four_workers_share_limits_alerts_and_metrics(
+    tmp_path, httpserver, ingest, redis_url, preload
+):
+    """The README's command: gunicorn -w 4 --threads 32 apirouter.wsgi:application.
+
+    With --preload the app is built before the fork: Sentry must still work in workers."""
+    httpserver.expect_request(CHAT).respond_with_data("down", status=503)
+    config = write_config(
+        tmp_path / "p.json", {"name": "gprov", "baseUrl": httpserver.url_for("/v1")}
+    )
+    (tmp_path / "metrics").mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SENTRY_", "APIROUTER_"))}
+    env.update(
+        {
+            "API_ROUTER_CONFIG_PATH": str(config),
+            "APIROUTER_REDIS_URL": redis_url,
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+            "SENTRY_DSN": ingest.dsn,
+            "RATE_LIMIT_REQUESTS_PER_MINUTE": "1",
+            "RATE_LIMIT_BURST": "5",
+        }
+    )
+    command = ["-w", "4", "--threads", "32", "apirouter.wsgi:application"]
+    command += ["--bind", f"127.0.0.1:{port}", "--no-control-socket"]
+    command += ["--preload"] if preload else []
+    log = (tmp_path / "gunicorn.log").open("wb")
+    gunicorn = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", *command], env=env, cwd=tmp_path, stderr=log
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url + "/health"), timeout=30, interval=0.1)
+        statuses: list[int] = []
+
+        def client(key: str) -> None:
+            for _ in range(3):  # a new connection each time: any worker may answer
+                with httpx.Client() as c:
+                    statuses.append(post(c, Served(gunicorn, url, Path()), key))
+
+        workers = [threading.Thread(target=client, args=("sk-g",)) for _ in range(8)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert sorted(statuses) == [429] * 19 + [503] * 5  # one bucket: burst 5, fleet-wide
+        pids = {p.name.rsplit("_", 1)[1] for p in (tmp_path / "metrics").glob("counter_*.db")}
+        assert len(pids) >= 2  # several workers answered...
+        metrics = httpx.get(url + "/metrics").text
+        chat = {"route": CHAT, "method": "POST"}
+        assert sample(metrics, "apirouter_requests_total", {**chat, "status": "429"}) == 19
+        assert sample(metrics, "apirouter_requests_total", {**chat, "status": "503"}) == 5
+        alert = {"alert_type": REPEATED_FAILURES, "provider": "gprov"}
+        assert sample(metrics, "apirouter_alerts_total", alert) == 1
+        assert sample(metrics, "apirouter_requests_in_flight", {}) == 1  # this scrape
+        wait_until(lambda: events_of(ingest, REPEATED_FAILURES), timeout=10)
+    finally:
+        gunicorn.send_signal(signal.SIGTERM)
+        gunicorn.wait(timeout=30)
+        log.close()
+    assert len(events_of(ingest, REPEATED_FAILURES)) == 1  # Sentry works after the fork
+
+
+def sample(text: str, name: str, labels: dict[str, str]) -> float | None:
+    """One sample's value from a Prometheus text exposition."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
