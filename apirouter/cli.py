@@ -126,10 +126,11 @@ def serve(
 
     def banner() -> None:
         urls = ", ".join(server.listen_urls(http_server))
-        sentry = diagnostics.environment_facts(settings, env)["sentry"]
+        facts = diagnostics.environment_facts(settings, env)
         err.print(f"apirouter {__version__} listening on {urls}", soft_wrap=True)
         err.print(f"  provider {current.name} -> {current.base_url}", soft_wrap=True)
-        err.print(f"  sentry   {sentry}", soft_wrap=True)
+        err.print(f"  sentry   {facts['sentry']}", soft_wrap=True)
+        err.print(f"  redis    {facts['redis']}", soft_wrap=True)
         err.print(f"  threads  {threads}; metrics at /metrics, health at /health", soft_wrap=True)
         print_problems(err, warnings)
 
@@ -149,23 +150,31 @@ def check_config(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 3 when there are warnings.")
     ] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect", help="Also ping APIROUTER_REDIS_URL: version and latency; 1 if down."
+        ),
+    ] = False,
 ) -> None:
     """Validate provider configs and the environment, offline (for CI).
 
     With no target, checks the config serve would use (API_ROUTER_CONFIG_PATH, else qwen).
 
-    Exit codes: 0 valid; 1 errors found; 2 usage error (bad option, file not found);
-    3 warnings found with --strict.
+    Exit codes: 0 valid; 1 errors found (or, with --connect, Redis unreachable);
+    2 usage error (bad option, file not found); 3 warnings found with --strict.
 
     Examples:
 
       apirouter check-config --all --strict
 
       apirouter check-config ./my-provider.json --env-file prod.env --json
+
+      apirouter check-config --connect      # is the fleet's Redis reachable?
     """
     env = read_environment(env_file)
     try:
-        report = diagnostics.check(list(targets or []), all_shipped, env)
+        report = diagnostics.check(list(targets or []), all_shipped, env, connect)
     except diagnostics.UsageError as exc:
         raise fail(str(exc)) from None
     code = report.exit_code(strict)
@@ -319,9 +328,19 @@ def _render_check(report: diagnostics.CheckReport, code: int) -> None:
     out.print(f"Checking environment ... {verdict}")
     for name, value in report.facts.items():
         out.print(f"  {name}: {value}", soft_wrap=True)
+    if report.redis is not None:
+        _render_redis(report.redis)
     print_problems(out, report.environment)
     summary = f"{report.errors} error(s), {report.warnings} warning(s)"
     out.print(("[red]" if code else "[green]") + summary + ("[/red]" if code else "[/green]"))
+
+
+def _render_redis(check: diagnostics.RedisCheck) -> None:
+    out.print(f"Connecting to Redis {check.url or '(not configured)'} ... ", end="", soft_wrap=True)
+    if check.ok:
+        out.print(f"[green]SUCCESS[/green]: Redis {check.version}, {check.latency_ms} ms")
+    else:
+        out.print("[red]FAILED[/red] (see below)")
 
 
 def print_problems(console: Console, problems: list[Problem]) -> None:
