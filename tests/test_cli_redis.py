@@ -74,3 +74,19 @@ def test_connect_without_a_url_exits_1():
     result = check_config("--connect")
     assert result.exit_code == 1, result.output
     assert "nothing to connect to" in result.output
+
+
+def test_test_alert_in_fleet_mode_raises_one_alert_each_time(redis_url, redis_server, ingest):
+    """The drill goes through the shared (Redis) window; a second drill within the
+    throttle period still gets its one alert, since each drill has its own keys."""
+    for _ in range(2):
+        result = runner.invoke(
+            cli,
+            ["test-alert", "--dsn", ingest.dsn, "--provider", "fleet", "--json"],
+            env={"APIROUTER_REDIS_URL": redis_url},
+        )
+        assert result.exit_code == 0, result.output
+        kinds = [d["kind"] for d in json.loads(result.stdout)["deliveries"]]
+        assert kinds.count("alert") == 1
+    drills = {k.split(b":")[1] for k in redis_server.client().scan_iter(match="apirouter:*")}
+    assert len(drills) == 2 and all(d.startswith(b"drill-") for d in drills)
