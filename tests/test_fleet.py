@@ -374,3 +374,23 @@ def _answers(url: str) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_redis_password_never_leaves(make_router, httpserver, sentry, ingest, log_lines):
+    secret = "redis-SECRET-pw-0123456789"
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    settings = sentry()
+    router = make_router(
+        tracking_enabled=True,
+        sentry_dsn=settings.sentry_dsn,
+        redis_url=f"redis://:{secret}@127.0.0.1:{free_port()}/0",  # nothing listens there
+        rate_limit_rpm=60,
+        rate_limit_burst=10,
+    )
+    assert httpx.post(router.v1 + "/chat/completions", json=BODY).status_code == 200
+    health = httpx.get(router.url + "/health").text
+    metrics = httpx.get(router.url + "/metrics").text
+    ingest.wait_for_events(1)
+    assert events_of(ingest, REDIS_UNAVAILABLE)
+    assert secret.encode() not in ingest.raw_bytes()
+    assert all(secret not in text for text in [health, metrics, *log_lines])
