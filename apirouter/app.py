@@ -35,7 +35,6 @@ from apirouter.inbound import JSON, Inbound
 from apirouter.keys import ANONYMOUS, anonymize
 from apirouter.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from apirouter.probes import HealthChecker
-from apirouter.ratelimit import RateLimiter
 from apirouter.relay import SseRelay
 from apirouter.report import Reporter
 from apirouter.settings import Settings
@@ -87,7 +86,7 @@ class App:
         self.reporter = Reporter(settings, tracking_enabled=tracking_enabled, clock=clock)
         self.store = ConfigStore(config, config_path, on_reload=self.reporter.config_reloaded)
         self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
-        self.limiter = RateLimiter(clock=clock)
+        self.limiter = self.reporter.state.limiter  # in-process, or Redis in fleet mode
         self.metrics = self.reporter.metrics
         self.attempts = Attempts(
             self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
@@ -204,6 +203,7 @@ class App:
             "upstreams": self.reporter.breakers.describe(config),
             "sentry": self.reporter.sentry_health(),
             "rate_limiter": {"buckets": len(self.limiter)},
+            "redis": self.reporter.state.health(),
         }
 
     # --- the proxy -------------------------------------------------------------------------
@@ -298,6 +298,7 @@ class App:
 
     def close(self) -> None:
         self.upstream.close()
+        self.reporter.state.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ def _render_banner(banner: launch.Banner) -> None:
     err.print(f"apirouter {banner.version} listening on {', '.join(banner.urls)}", soft_wrap=True)
     err.print(f"  provider {banner.provider} -> {banner.base_url}", soft_wrap=True)
     err.print(f"  sentry   {banner.sentry}", soft_wrap=True)
+    err.print(f"  redis    {banner.redis}", soft_wrap=True)
     err.print(
         f"  threads  {banner.threads}; metrics at /metrics, health at /health", soft_wrap=True
     )
@@ -217,23 +218,34 @@ def check_config(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 3 when there are warnings.")
     ] = False,
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect", help="Also ping APIROUTER_REDIS_URL: version and latency; 1 if down."
+        ),
+    ] = False,
 ) -> None:
     """Validate provider configs and the environment, offline (for CI).
 
     With no target, checks the config serve would use (API_ROUTER_CONFIG_PATH, else qwen).
 
-    Exit codes: 0 valid; 1 errors found; 2 usage error (bad option, unknown provider,
-    file not found); 3 warnings found with --strict.
+    Exit codes: 0 valid; 1 errors found (or, with --connect, Redis unreachable);
+    2 usage error (bad option, unknown provider, file not found); 3 warnings found
+    with --strict.
 
     Examples:
 
       apirouter check-config --all --strict
 
       apirouter check-config ./my-provider.json --env-file prod.env --json
+
+      apirouter check-config --connect      # is the fleet's Redis reachable?
     """
     env = read_environment(env_file)
     with operator_errors():
-        report = diagnostics.check(list(targets or []), all_shipped=all_shipped, env=env)
+        report = diagnostics.check(
+            list(targets or []), all_shipped=all_shipped, env=env, connect=connect
+        )
     code = report.exit_code(strict=strict)
     if as_json:
         _write_json(report.to_json(strict=strict))
@@ -438,9 +450,19 @@ def _render_check(report: diagnostics.CheckReport, code: int) -> None:
     out.print(f"Checking environment ... {verdict}")
     for name, value in report.facts.items():
         out.print(f"  {name}: {value}", soft_wrap=True)
+    if report.redis is not None:
+        _render_redis(report.redis)
     print_problems(out, report.environment)
     summary = f"{report.errors} error(s), {report.warnings} warning(s)"
     out.print(("[red]" if code else "[green]") + summary + ("[/red]" if code else "[/green]"))
+
+
+def _render_redis(check: diagnostics.RedisCheck) -> None:
+    out.print(f"Connecting to Redis {check.url or '(not configured)'} ... ", end="", soft_wrap=True)
+    if check.ok:
+        out.print(f"[green]SUCCESS[/green]: Redis {check.version}, {check.latency_ms} ms")
+    else:
+        out.print("[red]FAILED[/red] (see below)")
 
 
 def print_problems(console: Console, problems: list[Problem]) -> None:

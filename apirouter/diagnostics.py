@@ -2,7 +2,8 @@
 
 The validators are the ones ``serve`` uses (``config.load`` and ``Settings.from_env``), so a
 passing ``check-config`` means ``serve`` accepts the same inputs. The risk lints here run
-at ``serve`` start-up too, as warnings. Fully offline: nothing here touches the network.
+at ``serve`` start-up too, as warnings. Offline, except ``connect=True``
+(``check-config --connect``), which pings the configured Redis.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from apirouter.config import (
     shipped_providers,
 )
 from apirouter.headers import KEY_HEADERS
+from apirouter.redis_url import masked as masked_redis_url
 from apirouter.settings import Settings, SettingsError
 from apirouter.tracking import masked_dsn
 
@@ -49,11 +51,23 @@ class FileReport:
         return not any(p.severity == "error" for p in self.problems)
 
 
+@dataclass(frozen=True)
+class RedisCheck:
+    """``check-config --connect``: did the configured Redis answer? (URL masked)"""
+
+    url: str | None  # None: APIROUTER_REDIS_URL is empty
+    ok: bool
+    version: str | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+
+
 @dataclass
 class CheckReport:
     files: list[FileReport]
     environment: list[Problem]
     facts: dict[str, str]
+    redis: RedisCheck | None = None
 
     def problems(self) -> list[Problem]:
         return [p for f in self.files for p in f.problems] + self.environment
@@ -92,6 +106,7 @@ class CheckReport:
                 "facts": self.facts,
                 "problems": [problem(p) for p in self.environment],
             },
+            **({"redis": vars(self.redis)} if self.redis is not None else {}),
             "summary": {
                 "errors": self.errors,
                 "warnings": self.warnings,
@@ -100,8 +115,15 @@ class CheckReport:
         }
 
 
-def check(targets: list[str], *, all_shipped: bool, env: Mapping[str, str]) -> CheckReport:
-    """Validate the named configs (or the one serve would use) and the environment.
+def check(
+    targets: list[str],
+    *,
+    all_shipped: bool,
+    env: Mapping[str, str],
+    connect: bool = False,
+) -> CheckReport:
+    """Validate the named configs (or the one serve would use) and the environment;
+    with ``connect``, also ping the configured Redis.
 
     Raises UsageError, before checking anything, when a target names nothing."""
     settings, environment = check_environment(env)
@@ -113,7 +135,27 @@ def check(targets: list[str], *, all_shipped: bool, env: Mapping[str, str]) -> C
         require_target(target)
     files = [check_file(target, settings) for target in targets]
     facts = environment_facts(settings, env)
-    return CheckReport(files, environment, facts)
+    redis = connect_redis(settings) if connect and settings is not None else None
+    if redis is not None and not redis.ok:
+        environment.append(
+            Problem(
+                "APIROUTER_REDIS_URL",
+                f"Redis unreachable: {redis.error}",
+                "check the host, port, password and TLS (rediss://); the router would "
+                "serve on per-process state",
+            )
+        )
+    return CheckReport(files, environment, facts, redis)
+
+
+def connect_redis(settings: Settings) -> RedisCheck:
+    """Ping the configured Redis; report its version and round-trip latency."""
+    if not settings.redis_url:
+        return RedisCheck(None, False, error="APIROUTER_REDIS_URL is empty: nothing to connect to")
+    from apirouter.redis_state import ping  # imports redis-py: only when asked
+
+    result = ping(settings.redis_url, settings.redis_timeout_ms)
+    return RedisCheck(result.url, result.ok, result.version, result.latency_ms, result.error)
 
 
 def require_target(target: str) -> None:
@@ -194,6 +236,7 @@ def _env_hint(name: str) -> str:
         "SENTRY_SAMPLE_RATE": "e.g. SENTRY_SAMPLE_RATE=1.0",
         "LOG_FORMAT": "LOG_FORMAT=text or LOG_FORMAT=json",
         "LOG_LEVEL": "e.g. LOG_LEVEL=warning to drop the per-request lines",
+        "APIROUTER_REDIS_URL": "e.g. redis://:PASSWORD@HOST:6379/0, or rediss:// for TLS",
     }
     return hints.get(name, "see .env.example for the accepted values")
 
@@ -226,6 +269,7 @@ def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem
                 "remove the variable to say so, or set a positive limit",
             )
         )
+    problems += _lint_redis(settings)
     if settings.sentry_dsn:
         if settings.sentry_sample_rate == 0:
             problems.append(
@@ -244,6 +288,19 @@ def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem
                 )
             )
     return problems
+
+
+def _lint_redis(settings: Settings) -> list[Problem]:
+    url = settings.redis_url
+    if url and url.startswith("redis://") and "@" in url and not _loopback(url):
+        return [
+            warning(
+                "APIROUTER_REDIS_URL",
+                "plain redis:// to a non-loopback host: the password travels unencrypted",
+                "use rediss:// (TLS)",
+            )
+        ]
+    return []
 
 
 def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
@@ -358,4 +415,14 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
         else "none",
         "log_format": settings.log_format,
         "log_level": settings.log_level,
+        "redis": _redis_fact(settings),
     }
+
+
+def _redis_fact(settings: Settings) -> str:
+    if not settings.redis_url:
+        return "off (APIROUTER_REDIS_URL is empty: limits and alerts are per process)"
+    return (
+        f"on: {masked_redis_url(settings.redis_url)} (prefix {settings.redis_prefix}v1:, "
+        f"timeout {settings.redis_timeout_ms} ms)"
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -343,7 +344,15 @@ def run(
         link=_issues_link(parsed, f"alert_type:{REPEATED_FAILURES} provider:{label}"),
     )
     transport = RecordingTransport(target, timeout, send=not dry_run)
-    drill_settings = replace(settings, sentry_dsn=target, default_api_key=None, client_keys=())
+    drill_settings = replace(
+        settings,
+        sentry_dsn=target,
+        default_api_key=None,
+        client_keys=(),
+        # fleet mode: the drill's window and throttle are shared (one alert, decided in
+        # Redis) but its own, so an earlier drill's throttle cannot swallow this alert
+        redis_prefix=f"{settings.redis_prefix}drill-{secrets.token_hex(4)}:",
+    )
     quiet = _quiet_logs()
     tracking.init(drill_settings, transport=transport)
     try:

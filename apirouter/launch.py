@@ -54,6 +54,7 @@ class Banner:
     provider: str
     base_url: str
     sentry: str
+    redis: str
     threads: int
     warnings: list[Problem]
 
@@ -109,6 +110,7 @@ def _banner(
         provider=current.name,
         base_url=current.base_url,
         sentry=environment_facts(settings, env)["sentry"],
+        redis=environment_facts(settings, env)["redis"],
         threads=options.threads,
         warnings=lint_environment(settings, env) + lint_config(current, settings),
     )

@@ -4,14 +4,23 @@ Labels have bounded values only: routes come from the route table (anything else
 ``other``), methods from a fixed list, statuses are three-digit codes, providers and error
 types come from config and the taxonomy. Never keys, client addresses or raw paths.
 Latency buckets reach ten minutes, because LLM calls are slow.
+
+Several worker processes (gunicorn ``-w N``): with ``PROMETHEUS_MULTIPROC_DIR`` set,
+prometheus_client keeps each process's values in files there and ``render`` sums them, so
+``/metrics`` reports the whole server whichever worker answers. Gauges computed by a
+function (in flight, buckets) cannot be read across processes: each worker publishes them
+into its files once a second (``publish``, driven by ``workers.py``) and they are summed
+over live workers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from apirouter import __version__, delivery
@@ -61,6 +70,30 @@ class SentryCollector(Collector):
         return [suppressed, dropped, failures, last]
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of multiprocess mode (read by prometheus_client at import, too)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class SampledGauge(Gauge):
+    """A gauge whose value comes from a function, also in multiprocess mode.
+
+    In one process it is read at scrape time (``set_function``). In multiprocess mode the
+    scraping worker cannot call another worker's function, so ``publish`` copies the value
+    into this process's file instead."""
+
+    function: Callable[[], float] | None = None
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        self.function = f
+        if multiprocess_dir() is None:
+            super().set_function(f)
+
+    def publish(self) -> None:
+        if self.function is not None:
+            self.set(self.function())
+
+
 class Metrics:
     def __init__(
         self, sentry: Callable[[], DeliveryReport | None] = delivery.current_report
@@ -99,11 +132,17 @@ class Metrics:
             ["route"],
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "apirouter_requests_in_flight", "Requests being handled right now.", registry=registry
+        self.in_flight = SampledGauge(
+            "apirouter_requests_in_flight",
+            "Requests being handled right now.",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
-        self.rate_limiter_buckets = Gauge(
-            "apirouter_rate_limiter_buckets", "Token buckets held in memory.", registry=registry
+        self.rate_limiter_buckets = SampledGauge(
+            "apirouter_rate_limiter_buckets",
+            "Token buckets held in memory (in fleet mode: the local fallback's).",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.alerts = Counter(
             "apirouter_alerts",
@@ -147,11 +186,18 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.redis_errors = Counter(
+            "apirouter_redis_errors",
+            "Failed Redis calls (each decided on local state instead), by operation.",
+            ["operation"],
+            registry=registry,
+        )
         Gauge(
             "apirouter_build_info",
             "Always 1; the version is a label.",
             ["version"],
             registry=registry,
+            multiprocess_mode="max",
         ).labels(__version__).set(1)
 
     def track_bucket_count(self, count: Callable[[], int]) -> None:
@@ -160,5 +206,15 @@ class Metrics:
     def method_label(self, method: str) -> str:
         return method if method in KNOWN_METHODS else "other"
 
+    def publish(self) -> None:
+        """Multiprocess mode: write this process's function gauges to its files."""
+        self.in_flight.publish()
+        self.rate_limiter_buckets.publish()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if multiprocess_dir() is None:
+            return generate_latest(self.registry)
+        self.publish()  # this worker's own gauges are fresh; others' at most 1 s old
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

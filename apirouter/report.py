@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apirouter import errors, tracking
-from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
+from apirouter import errors, state, tracking
+from apirouter.alerting import Alert, Failure, Recovery
 from apirouter.breakers import Breakers, Target
 from apirouter.config import ConfigInvalid, ProviderConfig
 from apirouter.context import Outcome, RequestContext
 from apirouter.logs import access_log, alert_log
 from apirouter.metrics import Metrics
+from apirouter.redis_events import RedisEventReporter
 from apirouter.settings import Settings
 
 log = logging.getLogger("apirouter.report")
@@ -44,12 +45,10 @@ class Reporter:
         self.sentry_client_errors = settings.sentry_client_errors
         self.clock = clock
         self.metrics = Metrics()
-        self.tracker = FailureTracker(
-            settings.alert_threshold,
-            settings.alert_window_seconds,
-            settings.alert_throttle_seconds,
-            clock=clock,
-        )
+        # Failure windows and buckets: in-process, or shared through Redis (fleet mode).
+        events = RedisEventReporter(self.metrics, tracking_enabled)
+        self.state = state.build(settings, events, clock=clock)
+        self.tracker = self.state.tracker
         self.breakers = Breakers(clock)
         self._in_flight = 0
         self._lock = threading.Lock()

@@ -104,6 +104,23 @@ def _boolean(value: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _redis_url(value: str) -> str | None:
+    """Check a Redis URL's syntax offline (no connection): the error never quotes it."""
+    value = value.strip()
+    if not value:
+        return None
+    from apirouter.redis_url import check  # small and dependency-free: redis is not imported
+
+    check(value)
+    return value
+
+
+def _redis_prefix(value: str) -> str:
+    if "{" in value or "}" in value:  # the hash tag must be the first braces in every key
+        raise ValueError("must not contain '{' or '}' (they would break Redis Cluster hash tags)")
+    return value
+
+
 def _key_list(value: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in value.split(",") if key.strip())
 
@@ -246,6 +263,28 @@ VARIABLES: tuple[Variable, ...] = (
         "60",
         "At most one alert per provider per this many seconds.",
     ),
+    Variable(
+        "APIROUTER_REDIS_URL",
+        "redis_url",
+        _redis_url,
+        "",
+        "Fleet mode: share rate limits, failure windows and the alert throttle through this "
+        "Redis (redis://, rediss://, unix://); empty = in-process state. A secret.",
+    ),
+    Variable(
+        "APIROUTER_REDIS_PREFIX",
+        "redis_prefix",
+        _redis_prefix,
+        "apirouter:",
+        "Prefix of every Redis key (then the schema version, v1:).",
+    ),
+    Variable(
+        "APIROUTER_REDIS_TIMEOUT_MS",
+        "redis_timeout_ms",
+        _positive_int,
+        "50",
+        "Timeout of each Redis call, milliseconds; past it the request uses local state.",
+    ),
 )
 
 
@@ -270,6 +309,9 @@ class Settings:
     alert_threshold: int
     alert_window_seconds: float
     alert_throttle_seconds: float
+    redis_url: str | None
+    redis_prefix: str
+    redis_timeout_ms: int
     # The whole environment, where an upstream's apiKeyEnv is looked up. Never printed.
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -300,7 +342,12 @@ class Settings:
 
 def _shown(variable: Variable, raw: str) -> str:
     """Quote a bad value for an error message without ever printing a secret."""
-    if variable.name in ("SENTRY_DSN", "DEFAULT_API_KEY", "APIROUTER_CLIENT_KEYS"):
+    if variable.name in (
+        "SENTRY_DSN",
+        "DEFAULT_API_KEY",
+        "APIROUTER_CLIENT_KEYS",
+        "APIROUTER_REDIS_URL",
+    ):
         return "(hidden)"
     return repr(raw)
 

@@ -19,6 +19,7 @@ Rules (DESIGN.md §4), each enforced here:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -286,6 +287,43 @@ def capture_recovery(recovery: Recovery) -> str | None:
                     recovery.upstream,
                 ],
                 "contexts": {"recovery": {"failures_since_alert": recovery.failures_since_alert}},
+            }
+        )
+
+
+REDIS_UNAVAILABLE = "redis_unavailable"
+REDIS_RECOVERED = "redis_recovered"
+
+
+def capture_redis_unavailable(reason: str) -> str | None:
+    """Once per Redis outage per process: it now serves on local state (limits per process).
+
+    Tagged ``alert_type`` so sampling never drops it; one issue for every process."""
+    with sentry_sdk.isolation_scope():
+        return sentry_sdk.capture_event(
+            {
+                "level": "error",
+                "logger": "apirouter.redis",
+                "message": "Redis unavailable: serving on local state (limits per process)",
+                "tags": {"alert_type": REDIS_UNAVAILABLE},
+                "fingerprint": ["apirouter-alert", REDIS_UNAVAILABLE],
+                "contexts": {"redis": {"reason": reason, "pid": os.getpid()}},
+            }
+        )
+
+
+def capture_redis_recovered(outage_seconds: float) -> str | None:
+    with sentry_sdk.isolation_scope():
+        return sentry_sdk.capture_event(
+            {
+                "level": "info",
+                "logger": "apirouter.redis",
+                "message": "Redis available again: state is shared across the fleet",
+                "tags": {"alert_type": REDIS_RECOVERED},
+                "fingerprint": ["apirouter-alert", REDIS_RECOVERED],
+                "contexts": {
+                    "redis": {"outage_seconds": round(outage_seconds, 3), "pid": os.getpid()}
+                },
             }
         )
 

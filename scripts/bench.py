@@ -11,6 +11,12 @@ core, and reads the router's CPU time from /proc before and after. Reports:
 
     python scripts/bench.py                 # defaults: 4000 requests, 8 connections
     python scripts/bench.py --requests 20000 --connections 16
+    python scripts/bench.py --redis         # rate limiting on local state vs on Redis
+
+``--redis`` starts a local redis-server (no persistence, on the load generator's core) and
+alternates runs with the same rate limit (high enough never to refuse) kept in-process and
+kept in Redis (APIROUTER_REDIS_URL); it reports the median router CPU per request of each,
+the difference, and redis-server's own CPU per request.
 
 Figures depend on the machine; compare runs on the same one. Not part of the test suite.
 """
@@ -78,6 +84,66 @@ def wait_listening(port: int, timeout: float = 15) -> None:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_redis(port: int, core: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+    )
+    wait_listening(port)
+    return process
+
+
+def redis_comparison(config: Path, args) -> list[dict]:
+    """Median router CPU per request: rate limiting in-process vs in Redis, alternating."""
+    redis_port = free_port()
+    redis = start_redis(redis_port, core=1 % os.cpu_count())
+    limit = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000", "RATE_LIMIT_BURST": "100000000"}
+    runs = {
+        "rate limit, local state": limit,
+        "rate limit, Redis": {**limit, "APIROUTER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+    }
+    cpu: dict[str, list[float]] = {label: [] for label in runs}
+    redis_cpu: list[float] = []
+    try:
+        for _ in range(args.rounds):
+            for label, env in runs.items():
+                before = cpu_seconds(redis.pid)
+                result = non_streaming(label, config, env, args)
+                cpu[label].append(result["router_cpu_ms_per_request"])
+                if "APIROUTER_REDIS_URL" in env:  # includes the warm-up requests
+                    spent = cpu_seconds(redis.pid) - before
+                    redis_cpu.append(spent / (args.requests + min(500, args.requests)) * 1000)
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+    local, shared = (statistics.median(cpu[label]) for label in runs)
+    return [
+        {
+            "run": label,
+            "router_cpu_ms_per_request_median": round(statistics.median(v), 3),
+            "runs": v,
+        }
+        for label, v in cpu.items()
+    ] + [
+        {
+            "run": "Redis-backed rate limiting",
+            "added_router_cpu_ms_per_request": round(shared - local, 3),
+            "redis_server_cpu_ms_per_request_median": round(statistics.median(redis_cpu), 3),
+        }
+    ]
 
 
 def start_router(config: Path, port: int, env: dict[str, str], core: int) -> subprocess.Popen:
@@ -190,6 +256,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--stream-samples", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per config")
+    parser.add_argument(
+        "--redis", action="store_true", help="only compare rate limiting: local vs Redis"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
@@ -203,6 +272,10 @@ def main() -> None:
             json.dumps({"name": "bench", "baseUrl": f"http://127.0.0.1:{upstream_port}/v1"})
         )
         try:
+            if args.redis:
+                for result in redis_comparison(config, args):
+                    print(json.dumps(result))
+                return
             dsn = f"http://public@127.0.0.1:{upstream_port}/1"
             runs = {
                 "non-streaming, Sentry off": {},

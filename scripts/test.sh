@@ -5,6 +5,8 @@
 # this script before a test runs; pytest's exit code 5 ("no tests ran") fails it like any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The fleet tests run a real redis-server (Debian's package); CI runs as root on Debian.
+command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/python -m ruff check .

@@ -5,6 +5,7 @@ real envelopes."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from pytest_httpserver import HTTPServer
-from support import Ingest, Router, serving, write_config
+from support import Ingest, RedisServer, Router, free_port, serving, write_config
 
 from apirouter import logs, tracking
 from apirouter.app import App
@@ -149,3 +150,29 @@ def sentry(ingest: Ingest) -> Iterator[Callable[..., Settings]]:
 
     yield enable
     tracking.shutdown()
+
+
+# --- a real redis-server -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (scripts/test.sh installs it when missing)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed: run scripts/test.sh (it installs it)")
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session's Redis, emptied before each test; restarted if a test stopped it."""
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.thaw()
+    redis_server.client().flushall()
+    yield redis_server.url
+    if redis_server.process is None:
+        redis_server.start()
+    redis_server.thaw()

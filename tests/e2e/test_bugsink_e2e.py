@@ -215,3 +215,34 @@ def test_sentry_md_verify_procedure_as_written(bugsink, tmp_path):
         return events_where(bugsink, provider="verify-broken", error_type="upstream_connect_error")
 
     poll(lambda: len(connect_errors()) == 3)
+
+
+def test_a_fleet_of_three_raises_one_alert_and_one_recovery(
+    bugsink, start_router, httpserver, redis_url
+):
+    """Three routers sharing a real Redis; 6 failures round-robin at threshold 5: one
+    alert in Bugsink, not three and not zero, and one recovery afterwards."""
+    env = {
+        "SENTRY_DSN": bugsink.dsn,
+        "APIROUTER_REDIS_URL": redis_url,
+        "APIROUTER_REDIS_PREFIX": "e2e-fleet:",
+        "APIROUTER_ALERT_THRESHOLD": "5",
+    }
+    config = {"name": "e2e-fleet", "baseUrl": httpserver.url_for("/v1")}
+    routers = [start_router(config, env) for _ in range(3)]
+    httpserver.expect_request("/v1/chat/completions").respond_with_data("down", status=503)
+    for n in range(6):
+        assert call(routers[n % 3], f"e2e-fleet-{n}").status_code == 503
+    alert = {"alert_type": "repeated_upstream_failures", "provider": "e2e-fleet"}
+    poll(lambda: events_where(bugsink, **alert))
+    httpserver.clear()
+    httpserver.expect_request("/v1/chat/completions").respond_with_json({"choices": []})
+    for n, router in enumerate(routers):
+        assert call(router, f"e2e-fleet-ok-{n}").status_code == 200
+    recovered = {"alert_type": "upstream_recovered", "provider": "e2e-fleet"}
+    poll(lambda: events_where(bugsink, **recovered))
+    for router in routers:  # a graceful stop flushes Sentry: the counts below are final
+        router.process.terminate()
+        router.process.wait(timeout=20)
+    assert len(events_where(bugsink, **alert)) == 1
+    assert len(events_where(bugsink, **recovered)) == 1
