@@ -105,7 +105,12 @@ def test_alert_once_despite_sampling_grouped_into_one_issue_then_recovery(
         "APIROUTER_ALERT_THRESHOLD": "3",
         "APIROUTER_ALERT_THROTTLE_SECONDS": "0.01",
     }
-    router = start_router({"name": "e2e-alerts", "baseUrl": httpserver.url_for("/v1")}, env)
+    config = {
+        "name": "e2e-alerts",
+        "baseUrl": httpserver.url_for("/v1"),
+        "retry": {"maxAttempts": 1},  # one request, one failure in the window
+    }
+    router = start_router(config, env)
     state = {"status": 503}
     httpserver.expect_request("/v1/chat/completions").respond_with_handler(
         lambda request: Response("{}", status=state["status"], content_type="application/json")
