@@ -13,6 +13,7 @@ from apirouter.errors import RouterError
 
 if TYPE_CHECKING:
     from apirouter.breakers import Target
+    from apirouter.usage import Usage
 
 
 @dataclass
@@ -29,6 +30,11 @@ class RequestContext:
     upstream_url: str = ""  # without query string
     upstream_status: int | None = None
     upstream_seconds: float | None = None
+    # filled as the answer is relayed (usage metrics, access log, tracing)
+    model: str | None = None  # the upstream model when modelMapping chose it, else None
+    first_byte_seconds: float | None = None  # request sent -> first body byte
+    stream_seconds: float | None = None  # first byte -> last byte, for SSE streams
+    usage: Usage | None = None  # tokens read from the answer; None: unknown
 
 
 @dataclass(frozen=True)
