@@ -21,6 +21,7 @@ from typing import Any
 
 from apirouter import __version__, errors, forward, tracking
 from apirouter.alerting import Alert, Failure, FailureTracker, Recovery
+from apirouter.capacity import build_gate, readiness
 from apirouter.config import (
     HOP_BY_HOP,
     ConfigInvalid,
@@ -48,7 +49,7 @@ StartResponse = Callable[..., Any]
 JSON = "application/json"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _NOT_RELAYED = HOP_BY_HOP | {"set-cookie", "content-length", "x-request-id"}
-_LOCAL_ROUTES = {"/health": "GET", "/metrics": "GET", "/v1/models": "GET"}
+_LOCAL_ROUTES = {"/health": "GET", "/health/ready": "GET", "/metrics": "GET", "/v1/models": "GET"}
 
 
 @dataclass
@@ -96,6 +97,7 @@ class App:
             clock=clock,
         )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
+        self.capacity = build_gate(settings, self.metrics)  # proxied requests in flight
         store.on_reload = self._config_reloaded
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 
@@ -128,9 +130,9 @@ class App:
             error.__cause__ = exc
             response = error_response(error)
         response.headers.append(("X-Request-ID", ctx.request_id))
-        start_response(_status_line(response.status), response.headers)
+        write = start_response(_status_line(response.status), response.headers)
         if response.relay is not None:
-            return response.relay
+            return response.relay.relay_to(write)  # heartbeats go out through write
         self._finish(ctx, Outcome(response.status, response.error))
         return [response.body]
 
@@ -155,7 +157,9 @@ class App:
             )
         if endpoint is None:
             return self._local(ctx.route, config)
-        return self._proxy(environ, ctx, config, endpoint, headers, key)
+        return self.capacity.admit(  # 503 over_capacity at once when every slot is taken
+            ctx.key_label, lambda: self._proxy(environ, ctx, config, endpoint, headers, key)
+        )
 
     # --- local endpoints -------------------------------------------------------------------
 
@@ -164,6 +168,9 @@ class App:
             return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], self.metrics.render())
         if route == "/v1/models":
             return json_response({"object": "list", "data": _models(config)})
+        if route == "/health/ready":
+            status, document = readiness(self.capacity, config_loaded=config is not None)
+            return json_response(document, status)
         return json_response(
             {
                 "status": "ok",
@@ -173,6 +180,7 @@ class App:
                 "uptime_seconds": round(self.clock() - self.started, 3),
                 "sentry_enabled": self.tracking_enabled,
                 "rate_limiter": {"buckets": len(self.limiter)},
+                "capacity": self.capacity.snapshot(),
             }
         )
 

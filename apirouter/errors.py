@@ -19,6 +19,7 @@ keeps its own mapping table.
     ├── ServerError                     ours: 500, reported
     │   ├── ConfigError                 the provider config cannot serve this request
     │   └── InternalError               an unhandled exception
+    ├── OverCapacity                    503 + Retry-After: every slot is taken; not reported
     └── UpstreamFailure                 the provider's fault: reported, counts for alerting
         ├── UpstreamConnectError        502 refused / unreachable
         ├── UpstreamDNSError            502 host name did not resolve
@@ -127,6 +128,28 @@ class ClientDisconnected(RouterError):
     error_type = "client_disconnected"
     sentry_level = "info"
     reported = False
+
+
+class OverCapacity(RouterError):
+    """This router has no free slot (or this client key has used its share): 503.
+
+    Refused at once rather than queued, so a load balancer or client retries elsewhere.
+    Not a Sentry event and not an upstream failure: being full is expected under load, and
+    alerting on it would page for the provider's innocence.
+    """
+
+    status = 503
+    error_type = "over_capacity"
+    openai_type = "server_error"
+    sentry_level = "warning"
+    reported = False
+
+    def __init__(self, message: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after_seconds))]
 
 
 class ServerError(RouterError):
