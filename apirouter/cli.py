@@ -88,8 +88,32 @@ def serve(
         typer.Option(min=0, max=65535, help="Port (default: the config's, 8000; 0 = any free)."),
     ] = None,
     threads: Annotated[
-        int, typer.Option(min=1, max=1024, help="Worker threads; each open stream holds one.")
-    ] = 32,
+        int | None,
+        typer.Option(
+            min=1, help="Worker threads (default: max-concurrent + 16).", show_default=False
+        ),
+    ] = None,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrent",
+            min=1,
+            help="Proxied requests in flight; past it 503 over_capacity (default: "
+            "APIROUTER_MAX_CONCURRENT, 1024).",
+            show_default=False,
+        ),
+    ] = None,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(
+            "--admin-port",
+            min=0,
+            max=65535,
+            help="Serve /health, /health/ready, /metrics here on their own thread "
+            "(default: APIROUTER_ADMIN_PORT; off).",
+            show_default=False,
+        ),
+    ] = None,
     env_file: EnvFile = Path(".env"),
 ) -> None:
     """Run the router.
@@ -100,11 +124,12 @@ def serve(
 
       apirouter serve openai --port 9000
 
-      apirouter serve --config my-provider.json --host 0.0.0.0 --threads 64
+      apirouter serve --config my-provider.json --host 0.0.0.0 --admin-port 9090
     """
     if provider and config:
         raise fail("give a provider name or --config, not both")
     settings, env = load_settings(env_file)
+    settings = server.with_options(settings, max_concurrent, admin_port)
     logs.setup(settings.log_format)
     enabled = tracking.init(settings)  # before the server starts its threads
     try:
@@ -130,7 +155,9 @@ def serve(
         err.print(f"apirouter {__version__} listening on {urls}", soft_wrap=True)
         err.print(f"  provider {current.name} -> {current.base_url}", soft_wrap=True)
         err.print(f"  sentry   {sentry}", soft_wrap=True)
-        err.print(f"  threads  {threads}; metrics at /metrics, health at /health", soft_wrap=True)
+        for line in server.banner_lines(http_server):
+            err.print(f"  {line}", soft_wrap=True)
+        err.print("  metrics at /metrics, health at /health and /health/ready", soft_wrap=True)
         print_problems(err, warnings)
 
     server.run(http_server, application, on_ready=banner)

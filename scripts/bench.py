@@ -308,7 +308,9 @@ async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[s
     payload = stream_payload(20, gap)
     records = [{"delays": []} for _ in range(args.streams)]
     stop = asyncio.Event()
-    probes = asyncio.create_task(probe_loop({"main": router.port, "admin": router.admin_port}, stop))
+    probes = asyncio.create_task(
+        probe_loop({"main": router.port, "admin": router.admin_port}, stop)
+    )
     await asyncio.sleep(0.5)
     await asyncio.gather(*(one_stream(router.port, payload, r) for r in records))
     stop.set()
@@ -351,7 +353,9 @@ async def slowloris_run(router: RouterProcess, args: argparse.Namespace) -> dict
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         writers.append(writer)
     stop = asyncio.Event()
-    probes = asyncio.create_task(probe_loop({"main": router.port, "admin": router.admin_port}, stop))
+    probes = asyncio.create_task(
+        probe_loop({"main": router.port, "admin": router.admin_port}, stop)
+    )
     real: list[bool] = []
     deadline = time.monotonic() + args.slowloris_seconds
     while time.monotonic() < deadline:
@@ -413,7 +417,7 @@ def main() -> None:
         "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"
     )
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
