@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Callable, Iterable, Iterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -123,25 +122,46 @@ class WatchedStream(httpcore.NetworkStream):
     httpcore reads from the socket only when its parser needs more bytes, i.e. when every
     event received so far has been handed up; so silence seen here is real silence. A
     callback that raises aborts the read (httpcore then closes the connection).
+
+    While watched, reads go straight to the socket with its timeout left at the heartbeat
+    interval: httpcore's own read resets the timeout before every read, one extra system
+    call per relayed event. Only for sockets we opened ourselves (``direct``): TLS inside
+    TLS reads through an SSL object, not the socket.
     """
 
-    def __init__(self, inner: httpcore.NetworkStream) -> None:
+    def __init__(self, inner: httpcore.NetworkStream, direct: bool, tls: bool = False) -> None:
         self._inner = inner
+        self._direct = direct
+        self._tls = tls
         self.idle: tuple[float, Callable[[], None]] | None = None
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self.idle is None:
             return self._inner.read(max_bytes, timeout)
         interval, on_idle = self.idle
-        deadline = None if timeout is None else time.monotonic() + timeout
+        step = interval if timeout is None else min(interval, timeout)
+        silent = 0.0
         while True:
-            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
             try:
-                return self._inner.read(max_bytes, max(wait, 0.0))
+                return self._read_once(max_bytes, step)
             except httpcore.ReadTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
+                silent += step
+                if timeout is not None and silent >= timeout:
                     raise
                 on_idle()
+
+    def _read_once(self, max_bytes: int, timeout: float) -> bytes:
+        if not self._direct:
+            return self._inner.read(max_bytes, timeout)
+        sock = self._inner.get_extra_info("socket")
+        try:
+            if sock.gettimeout() != timeout:
+                sock.settimeout(timeout)
+            return sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._inner.write(buffer, timeout)
@@ -155,7 +175,8 @@ class WatchedStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        return WatchedStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        inner = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return WatchedStream(inner, direct=self._direct and not self._tls, tls=True)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
@@ -176,12 +197,13 @@ class WatchedBackend(httpcore.NetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.NetworkStream:
         inner = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
-        return WatchedStream(inner)
+        return WatchedStream(inner, direct=True)
 
     def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
     ) -> httpcore.NetworkStream:
-        return WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+        inner = self._inner.connect_unix_socket(path, timeout, socket_options)
+        return WatchedStream(inner, direct=True)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)

@@ -6,9 +6,10 @@ apirouter (`apirouter serve`, its own process, pinned to core 0), drives load fr
 process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
 
 - ``cpu``: alternating rounds, a fresh router each: plain requests, then 20-event streams
-  (events 5 ms apart, as a fast model streams), both at 8 connections; then the plain run
-  with Sentry enabled. Reports medians: router CPU per plain request, per stream, and per
-  relayed event = (CPU per 20-event stream - CPU per plain request) / 20.
+  (events 5 ms apart, as a fast model streams), both at 8 connections. Reports medians:
+  router CPU per plain request, per stream, and per relayed event = (CPU per 20-event
+  stream - CPU per plain request) / 20. ``--baseline DIR`` alternates with another
+  checkout's ``apirouter`` package (run with its own defaults) round by round.
 - ``streams``: N concurrent streams (default 1,000 of 20 events over 20 s): completions,
   time to first byte p50/p99, added delay per event p99 (upstream send to client receipt,
   both on CLOCK_MONOTONIC), whether every first byte arrived before any stream ended, peak
@@ -19,7 +20,7 @@ process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
     python scripts/bench.py cpu --rounds 5
     python scripts/bench.py streams --streams 1000 --stream-seconds 20
     python scripts/bench.py slowloris --connections 1000
-    PYTHONPATH=/tmp/base python scripts/bench.py cpu   # another checkout's router
+    python scripts/bench.py cpu --baseline /tmp/base   # alternate with another checkout
 
 Figures depend on the machine; compare runs on the same one. Not part of the test suite.
 """
@@ -200,34 +201,42 @@ def cpu_per_request(router: RouterProcess, total: int, connections: int, payload
     return (router.cpu() - before) / done
 
 
-def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
-    plain, streams, sentry = [], [], []
-    stream = stream_payload(20, args.gap)
-    dsn = f"http://public@127.0.0.1:{upstream_port}/1"
-    for _ in range(args.rounds):  # alternate, fresh router each: clocks and neighbours drift
-        router = RouterProcess(config, {}, args)
-        try:
-            plain.append(cpu_per_request(router, args.requests, 8, PAYLOAD))
-            streams.append(cpu_per_request(router, args.stream_requests, 8, stream))
-        finally:
-            router.stop()
-        router = RouterProcess(config, {"SENTRY_DSN": dsn}, args)
-        try:
-            sentry.append(cpu_per_request(router, args.requests, 8, PAYLOAD))
-        finally:
-            router.stop()
+def cpu_round(config: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, ...]:
+    """One round on a fresh router: CPU per plain request, per 20-event stream."""
+    router = RouterProcess(config, env, args)
+    try:
+        plain = cpu_per_request(router, args.requests, 8, PAYLOAD)
+        stream = cpu_per_request(router, args.stream_requests, 8, stream_payload(20, args.gap))
+    finally:
+        router.stop()
+    return plain, stream
+
+
+def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
+    plain = [r[0] for r in rounds]
+    streams = [r[1] for r in rounds]
     per_plain, per_stream = statistics.median(plain), statistics.median(streams)
-    return [
-        {
-            "run": "router CPU, 8 connections (medians of alternating rounds)",
-            "plain_request_ms": round(per_plain * 1000, 3),
-            "plain_request_ms_each_round": [round(v * 1000, 3) for v in plain],
-            "stream_20_events_ms": round(per_stream * 1000, 3),
-            "stream_ms_each_round": [round(v * 1000, 3) for v in streams],
-            "per_relayed_event_us": round((per_stream - per_plain) / 20 * 1e6, 1),
-            "plain_with_sentry_ms": round(statistics.median(sentry) * 1000, 3),
-        }
-    ]
+    return {
+        "run": f"{label}: router CPU at 8 connections, medians of {len(rounds)} alternating rounds",
+        "plain_request_ms": round(per_plain * 1000, 3),
+        "plain_request_ms_each_round": [round(v * 1000, 3) for v in plain],
+        "stream_20_events_ms": round(per_stream * 1000, 3),
+        "stream_ms_each_round": [round(v * 1000, 3) for v in streams],
+        "per_relayed_event_us": round((per_stream - per_plain) / 20 * 1e6, 1),
+    }
+
+
+def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
+    """Alternate this checkout with ``--baseline`` (another checkout's source) per round."""
+    variants: dict[str, tuple[dict[str, str], argparse.Namespace]] = {"this": ({}, args)}
+    if args.baseline:
+        old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
+        variants = {"baseline": ({"PYTHONPATH": args.baseline}, old), **variants}
+    rounds: dict[str, list] = {label: [] for label in variants}
+    for _ in range(args.rounds):  # alternate, fresh router each: clocks and neighbours drift
+        for label, (env, variant_args) in variants.items():
+            rounds[label].append(cpu_round(config, env, variant_args))
+    return [cpu_summary(label, results) for label, results in rounds.items()]
 
 
 # --- streams mode ---------------------------------------------------------------------------
@@ -412,6 +421,7 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=float, default=20.0)
     parser.add_argument("--connections", type=int, default=1000, help="slowloris connections")
     parser.add_argument("--slowloris-seconds", type=int, default=10)
+    parser.add_argument("--baseline", help="cpu mode: also run this apirouter source dir")
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
         "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"
