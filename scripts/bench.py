@@ -45,58 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-UPSTREAM = r"""
-import asyncio, json, sys, time
-
-CHAT = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                 "finish_reason": "stop"}]}).encode()
-
-def chunk(data):
-    return b"%x\r\n%s\r\n" % (len(data), data)
-
-async def stream(writer, events, gap):
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n")
-    for i in range(events - 1):
-        if i:
-            await asyncio.sleep(gap)
-        event = b'data: {"i": %d, "t": %.6f, "choices": [{"delta": {"content": "token"}}]}\n\n'
-        writer.write(chunk(event % (i, time.monotonic())))
-        await writer.drain()
-    await asyncio.sleep(gap)
-    writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-
-async def handle(reader, writer):
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            body = await reader.readexactly(length) if length else b""
-            if b"/api/1/envelope/" in head.split(b"\r\n")[0]:  # a Sentry ingest that accepts
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-            elif b'"stream": true' in body:
-                params = json.loads(body)
-                await stream(writer, params.get("events", 20), params.get("gap", 0.005))
-            else:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(CHAT), CHAT))
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
-        pass
-    finally:
-        writer.close()
-
-async def main():
-    server = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=4096)
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
+UPSTREAM = Path(__file__).with_name("sse_upstream.py")
 
 PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
@@ -321,7 +270,11 @@ async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[s
         probe_loop({"main": router.port, "admin": router.admin_port}, stop)
     )
     await asyncio.sleep(0.5)
-    await asyncio.gather(*(one_stream(router.port, payload, r) for r in records))
+    limit = args.stream_seconds + 60  # bounded: a stuck stream is reported, not waited for
+    await asyncio.gather(
+        *(asyncio.wait_for(one_stream(router.port, payload, r), limit) for r in records),
+        return_exceptions=True,
+    )
     stop.set()
     ok = [r for r in records if r.get("status") == 200 and "end" in r]
     firsts = sorted(r["first"] for r in ok)
@@ -330,6 +283,8 @@ async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[s
         "run": f"{args.streams} concurrent streams of 20 events over {args.stream_seconds}s",
         "completed": len(ok),
         "refused_or_failed": len(records) - len(ok),
+        "never_answered": sum("status" not in r for r in records),
+        "answered_but_unfinished": sum("status" in r and "end" not in r for r in records),
         "ttfb_p50_ms": round(percentile(firsts, 0.5) * 1000, 1) if ok else None,
         "ttfb_p99_ms": round(percentile(firsts, 0.99) * 1000, 1) if ok else None,
         "event_delay_p50_ms": round(percentile(delays, 0.5) * 1000, 2) if delays else None,
@@ -432,7 +387,7 @@ def main() -> None:
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
     upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(upstream_port)])
+    upstream = subprocess.Popen([sys.executable, str(UPSTREAM), str(upstream_port)])
     wait_listening(upstream_port)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.json"

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv and run the whole suite: the fast tests, then the
 # end-to-end tests against a real Sentry-protocol server (Bugsink, installed into its own
-# venv by tests/e2e). pytest's exit code 5 ("no tests ran") fails this script like any error.
+# venv by tests/e2e), then the load tests. pytest's exit code 5 ("no tests ran") fails this script like any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/python -m pytest "$@"
 .venv/bin/python -m pytest -m e2e tests/e2e "$@"
+# Load tests (1,000 concurrent streams, 1,000 slowloris connections, capacity refusals,
+# drain on SIGTERM). Budget: 5 minutes on 2 cores; they take about one.
+.venv/bin/python -m pytest -m load tests/load "$@"
