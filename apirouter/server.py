@@ -53,6 +53,7 @@ CONNECTION_HEADROOM = 1000
 RESERVED_FILES = 64  # log files, the config, the admin listener, DNS, Sentry...
 BODY_ALLOWANCE_BYTES = 64 * 1024  # one more second of header timeout per 64 KB received
 MAINTENANCE_SECONDS = 1.0
+ACCEPT_BATCH = 128
 LOOP_SECONDS = 0.2
 _TIMEOUT_BODY = json.dumps(
     {
@@ -225,6 +226,21 @@ class GuardedServer(TcpWSGIServer):
     channel_class = GuardedChannel
     header_timeout = 30.0
     on_slow_request: Callable[[], None] = staticmethod(lambda: None)
+
+    def handle_accept(self) -> None:
+        """Accept every waiting connection (up to a batch), not one per loop turn.
+
+        waitress accepts one connection each time the main loop polls, and each poll
+        costs time in proportion to the open connections: a burst of a thousand clients
+        took a thousand turns, quadratic work that delayed every first byte by seconds.
+        """
+        for _ in range(ACCEPT_BATCH):
+            before = len(self._map)
+            if before >= self.adj.connection_limit:
+                return
+            super().handle_accept()
+            if len(self._map) == before:  # nothing was waiting (or accept failed)
+                return
 
     def maintenance(self, now: float) -> None:
         super().maintenance(now)
