@@ -9,7 +9,8 @@ process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
   (events 5 ms apart, as a fast model streams), both at 8 connections. Reports medians:
   router CPU per plain request, per stream, and per relayed event = (CPU per 20-event
   stream - CPU per plain request) / 20. ``--baseline DIR`` alternates with another
-  checkout's ``apirouter`` package (run with its own defaults) round by round.
+  checkout's ``apirouter`` package (run with its own defaults) round by round, and
+  ``--sentry`` adds a round with Sentry enabled (no failures, so no events).
 - ``streams``: N concurrent streams (default 1,000 of 20 events over 20 s): completions,
   time to first byte p50/p99, added delay per event p99 (upstream send to client receipt,
   both on CLOCK_MONOTONIC), whether every first byte arrived before any stream ended, peak
@@ -178,6 +179,11 @@ def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
 def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
     """Alternate this checkout with ``--baseline`` (another checkout's source) per round."""
     variants: dict[str, tuple[dict[str, str], argparse.Namespace]] = {"this": ({}, args)}
+    if args.sentry:  # the upstream doubles as a Sentry ingest that accepts every envelope
+        variants["this, Sentry on"] = (
+            {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"},
+            args,
+        )
     if args.baseline:
         old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
         variants = {"baseline": ({"PYTHONPATH": args.baseline}, old), **variants}
@@ -217,7 +223,8 @@ async def one_stream(port: int, payload: bytes, record: dict[str, Any]) -> None:
             if "first" not in record:
                 record["first"], record["first_at"] = now - start, now
             if data.startswith(b'data: {"i"'):
-                record["delays"].append(now - json.loads(data[6:])["t"])
+                sent = json.loads(data[6:])["t"]
+                record["delays"].append((sent, now - sent))
 
         if record["status"] == 200:
             await read_chunked_events(reader, on_event)
@@ -278,7 +285,9 @@ async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[s
     stop.set()
     ok = [r for r in records if r.get("status") == 200 and "end" in r]
     firsts = sorted(r["first"] for r in ok)
-    delays = sorted(d for r in ok for d in r["delays"])
+    delays = sorted(d for r in ok for _, d in r["delays"])
+    ramped = max((r["first_at"] for r in ok), default=0.0)  # every stream had started
+    steady = sorted(d for r in ok for sent, d in r["delays"] if sent > ramped)
     return {
         "run": f"{args.streams} concurrent streams of 20 events over {args.stream_seconds}s",
         "completed": len(ok),
@@ -289,6 +298,9 @@ async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[s
         "ttfb_p99_ms": round(percentile(firsts, 0.99) * 1000, 1) if ok else None,
         "event_delay_p50_ms": round(percentile(delays, 0.5) * 1000, 2) if delays else None,
         "event_delay_p99_ms": round(percentile(delays, 0.99) * 1000, 2) if delays else None,
+        "event_delay_p99_after_all_started_ms": round(percentile(steady, 0.99) * 1000, 2)
+        if steady
+        else None,
         "every_first_byte_before_any_end": bool(ok)
         and max(r["first_at"] for r in ok) < min(r["end"] for r in ok),
         "router_peak_rss_mb": round(peak_rss_mb(router.process.pid), 1),
@@ -377,6 +389,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1000, help="slowloris connections")
     parser.add_argument("--slowloris-seconds", type=int, default=10)
     parser.add_argument("--baseline", help="cpu mode: also run this apirouter source dir")
+    parser.add_argument("--sentry", action="store_true", help="cpu mode: also with Sentry on")
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
         "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"
