@@ -21,6 +21,7 @@ import httpx
 
 from apirouter import __version__, errors, inbound, routes
 from apirouter.attempts import Attempts, Sent
+from apirouter.capacity import build_gate, readiness
 from apirouter.config import (
     ConfigStore,
     Endpoint,
@@ -41,7 +42,7 @@ from apirouter.settings import Settings
 from apirouter.upstream import Upstream, iter_raw
 
 StartResponse = Callable[..., Any]
-_LOCAL_ROUTES = frozenset(("/health", "/metrics"))
+_LOCAL_ROUTES = frozenset(("/health", "/health/ready", "/metrics"))
 _LOCAL_METHODS = ("GET", "HEAD")
 _MODELS = "/v1/models"
 _REALTIME = "/v1/realtime"
@@ -96,6 +97,7 @@ class App:
             lambda: self.store.current, self.upstream, self.reporter, settings.environment, clock
         )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
+        self.capacity = build_gate(settings, self.metrics)  # proxied requests in flight
         self._client_keys = tuple(k.encode() for k in settings.client_keys)
 
     # --- WSGI entry point ------------------------------------------------------------------
@@ -130,9 +132,9 @@ class App:
         response.headers.append(("X-Request-ID", ctx.request_id))
         if request.method == "HEAD":  # RFC 9110 §9.3.2: the GET headers, never a body
             response.headers.append(("Content-Length", str(len(response.body))))
-        start_response(_status_line(response.status), response.headers)
+        write = start_response(_status_line(response.status), response.headers)
         if response.relay is not None:
-            return response.relay
+            return response.relay.relay_to(write)  # heartbeats go out through write
         self.reporter.finish(ctx, Outcome(response.status, response.error))
         return [] if request.method == "HEAD" else [response.body]
 
@@ -156,18 +158,24 @@ class App:
         if match is None:
             return self._local(request.route)
         routes.check_segments(match.params)
-        if request.route == _MODELS:
-            return self._models(request, ctx, config, match.endpoint)
         alias = match.params.get("model")
         if request.route == _MODELS + "/{model}" and unquote(alias or "") in config.model_mapping:
             return json_response(_model(unquote(alias or ""), config))
-        return self._proxy(request, ctx, config, match)
+        # every proxied request takes a slot: 503 over_capacity at once when none is free
+        if request.route == _MODELS:
+            return self.capacity.admit(
+                ctx.key_label, lambda: self._models(request, ctx, config, match.endpoint)
+            )
+        return self.capacity.admit(ctx.key_label, lambda: self._proxy(request, ctx, config, match))
 
     # --- local endpoints -------------------------------------------------------------------
 
     def _local(self, route: str) -> Response:
         if route == "/metrics":
             return Response(200, [("Content-Type", METRICS_CONTENT_TYPE)], self.metrics.render())
+        if route == "/health/ready":
+            status, document = readiness(self.capacity, config_loaded=True)
+            return json_response(document, status)
         return json_response(self._health(self.store.current))
 
     def _models(
@@ -204,6 +212,7 @@ class App:
             "sentry": self.reporter.sentry_health(),
             "rate_limiter": {"buckets": len(self.limiter)},
             "redis": self.reporter.state.health(),
+            "capacity": self.capacity.snapshot(),
         }
 
     # --- the proxy -------------------------------------------------------------------------

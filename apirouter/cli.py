@@ -152,11 +152,37 @@ def serve(
         ),
     ] = None,
     threads: Annotated[
-        int,
+        int | None,
         typer.Option(
-            metavar="N", min=1, max=1024, help="Worker threads; each open stream holds one."
+            metavar="N",
+            min=1,
+            help="Worker threads (default: max-concurrent + 16); each open stream holds one.",
+            show_default=False,
         ),
-    ] = 32,
+    ] = None,
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            "--max-concurrent",
+            metavar="N",
+            min=1,
+            help="Proxied requests in flight; past it 503 over_capacity (default: "
+            "APIROUTER_MAX_CONCURRENT, 1024).",
+            show_default=False,
+        ),
+    ] = None,
+    admin_port: Annotated[
+        int | None,
+        typer.Option(
+            "--admin-port",
+            metavar="PORT",
+            min=0,
+            max=65535,
+            help="Serve /health, /health/ready, /metrics here on their own thread "
+            "(default: APIROUTER_ADMIN_PORT; off).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         LogLevel | None,
         typer.Option(
@@ -179,7 +205,7 @@ def serve(
 
       apirouter serve openai --port 9000 --log-level warning
 
-      apirouter serve --config my-provider.json --host 0.0.0.0 --threads 64
+      apirouter serve --config my-provider.json --host 0.0.0.0 --admin-port 9090
     """
     options = launch.ServeOptions(
         provider=provider,
@@ -188,6 +214,8 @@ def serve(
         port=port,
         threads=threads,
         log_level=log_level.value if log_level else None,
+        max_concurrent=max_concurrent,
+        admin_port=admin_port,
     )
     with operator_errors():
         launch.serve(read_environment(env_file), options, on_ready=_render_banner)
@@ -198,9 +226,9 @@ def _render_banner(banner: launch.Banner) -> None:
     err.print(f"  provider {banner.provider} -> {banner.base_url}", soft_wrap=True)
     err.print(f"  sentry   {banner.sentry}", soft_wrap=True)
     err.print(f"  redis    {banner.redis}", soft_wrap=True)
-    err.print(
-        f"  threads  {banner.threads}; metrics at /metrics, health at /health", soft_wrap=True
-    )
+    for line in banner.capacity:
+        err.print(f"  {line}", soft_wrap=True)
+    err.print("  metrics at /metrics, health at /health and /health/ready", soft_wrap=True)
     print_problems(err, banner.warnings)
 
 

@@ -20,6 +20,7 @@ keeps its own mapping table.
     │   └── NotImplementedHere          501 a route WSGI cannot carry (the Realtime API)
     ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
     ├── NoHealthyUpstream               503 every upstream and fallback is cooling down
+    ├── OverCapacity                    503 + Retry-After: every slot is taken; not reported
     ├── ServerError                     ours: 500, reported
     │   ├── ConfigError                 the provider config cannot serve this request
     │   └── InternalError               an unhandled exception
@@ -163,6 +164,28 @@ class NoHealthyUpstream(RouterError):
     sentry_level: SentryLevel = "warning"
 
     def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after_seconds))]
+
+
+class OverCapacity(RouterError):
+    """This router has no free slot (or this client key has used its share): 503.
+
+    Refused at once rather than queued, so a load balancer or client retries elsewhere.
+    Not a Sentry event and not an upstream failure: being full is expected under load, and
+    alerting on it would page for the provider's innocence.
+    """
+
+    status = 503
+    error_type = "over_capacity"
+    openai_type = "server_error"
+    sentry_level: SentryLevel = "warning"
+    reported = False
+
+    def __init__(self, message: str, retry_after_seconds: int = 1) -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
 

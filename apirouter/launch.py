@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from waitress.server import BaseWSGIServer
-
 from apirouter import __version__, logs, server, tracking
 from apirouter.app import App, build
 from apirouter.config import DEFAULT_PROVIDER, Problem
@@ -41,8 +39,10 @@ class ServeOptions:
     config: Path | None = None
     host: str = "127.0.0.1"
     port: int | None = None  # None: the config's port; 0: any free port
-    threads: int = 32
+    threads: int | None = None  # None: sized for max_concurrent
     log_level: str | None = None  # None: LOG_LEVEL
+    max_concurrent: int | None = None  # None: APIROUTER_MAX_CONCURRENT
+    admin_port: int | None = None  # None: APIROUTER_ADMIN_PORT
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Banner:
     base_url: str
     sentry: str
     redis: str
-    threads: int
+    capacity: list[str]  # sizing and the admin listener
     warnings: list[Problem]
 
 
@@ -66,6 +66,7 @@ def serve(
     settings = Settings.from_env(env)
     if options.log_level is not None:
         settings = replace(settings, log_level=options.log_level)
+    settings = server.with_options(settings, options.max_concurrent, options.admin_port)
     target = resolve_target(options, settings)
     logs.setup(settings.log_format, settings.log_level)
     application = build(settings, target, tracking_enabled=tracking.init(settings))
@@ -86,7 +87,7 @@ def resolve_target(options: ServeOptions, settings: Settings) -> str:
     return target
 
 
-def _listen(application: App, options: ServeOptions) -> BaseWSGIServer:
+def _listen(application: App, options: ServeOptions) -> server.AnyServer:
     port = application.store.current.port if options.port is None else options.port
     try:
         return server.make_server(application, options.host, port, options.threads)
@@ -98,7 +99,7 @@ def _listen(application: App, options: ServeOptions) -> BaseWSGIServer:
 
 def _banner(
     application: App,
-    http_server: BaseWSGIServer,
+    http_server: server.AnyServer,
     settings: Settings,
     env: Mapping[str, str],
     options: ServeOptions,
@@ -111,6 +112,6 @@ def _banner(
         base_url=current.base_url,
         sentry=environment_facts(settings, env)["sentry"],
         redis=environment_facts(settings, env)["redis"],
-        threads=options.threads,
+        capacity=server.banner_lines(http_server),
         warnings=lint_environment(settings, env) + lint_config(current, settings),
     )

@@ -138,6 +138,19 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.requests_refused = Counter(
+            "apirouter_requests_refused",
+            "Requests refused before any upstream work, by reason: over_capacity, "
+            "key_over_capacity (503), header_timeout (408, headers or body too slow).",
+            ["reason"],
+            registry=registry,
+        )
+        self.streams_in_flight = Gauge(
+            "apirouter_streams_in_flight",
+            "Streamed (SSE) responses being relayed right now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.rate_limiter_buckets = SampledGauge(
             "apirouter_rate_limiter_buckets",
             "Token buckets held in memory (in fleet mode: the local fallback's).",
@@ -202,6 +215,12 @@ class Metrics:
 
     def track_bucket_count(self, count: Callable[[], int]) -> None:
         self.rate_limiter_buckets.set_function(count)
+
+    def track_capacity(self, streams: Callable[[], int], reasons: tuple[str, ...]) -> None:
+        """Read the stream gauge from the capacity gate; show every refusal reason at 0."""
+        self.streams_in_flight.set_function(streams)
+        for reason in reasons:
+            self.requests_refused.labels(reason)
 
     def method_label(self, method: str) -> str:
         return method if method in KNOWN_METHODS else "other"

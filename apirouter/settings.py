@@ -79,6 +79,14 @@ _non_negative_int = _number(int, lambda n: n >= 0, "must be a whole number of at
 _positive_seconds = _number(
     float, lambda n: math.isfinite(n) and n > 0, "must be a number of seconds greater than 0"
 )
+_non_negative_seconds = _number(
+    float, lambda n: math.isfinite(n) and n >= 0, "must be a number of seconds of at least 0"
+)
+_port = _number(int, lambda n: 0 <= n <= 65535, "must be a port number from 0 to 65535")
+
+
+def _optional_port(value: str) -> int | None:
+    return _port(value) if value.strip() else None
 
 
 def _log_format(value: str) -> str:
@@ -204,6 +212,44 @@ VARIABLES: tuple[Variable, ...] = (
         "Upstream read/write timeout: longest silence tolerated from the upstream, seconds.",
     ),
     Variable(
+        "APIROUTER_MAX_CONCURRENT",
+        "max_concurrent",
+        _positive_int,
+        "1024",
+        "Proxied requests in flight at once, streaming or not; past it, 503 over_capacity "
+        "at once. Sizes the server's threads and connection limit.",
+    ),
+    Variable(
+        "APIROUTER_MAX_CONCURRENT_PER_KEY",
+        "max_concurrent_per_key",
+        _non_negative_int,
+        "0",
+        "Proxied requests in flight per client key (anonymous clients share one); 0 = off.",
+    ),
+    Variable(
+        "APIROUTER_HEADER_TIMEOUT_SECONDS",
+        "header_timeout",
+        _positive_seconds,
+        "30",
+        "Longest time a request's headers and body may take to arrive (bodies get one extra "
+        "second per 64 KB received); slower connections are answered 408 and closed.",
+    ),
+    Variable(
+        "APIROUTER_ADMIN_PORT",
+        "admin_port",
+        _optional_port,
+        "",
+        "Also serve /health, /health/ready and /metrics on this port, from their own thread; "
+        "empty = off.",
+    ),
+    Variable(
+        "APIROUTER_SHUTDOWN_GRACE_SECONDS",
+        "shutdown_grace",
+        _non_negative_seconds,
+        "10",
+        "On SIGTERM, how long requests in flight may take to finish before streams are cut.",
+    ),
+    Variable(
         "SENTRY_DSN",
         "sentry_dsn",
         _dsn,
@@ -300,6 +346,11 @@ class Settings:
     max_body_bytes: int
     connect_timeout: float
     read_timeout: float
+    max_concurrent: int
+    max_concurrent_per_key: int
+    header_timeout: float
+    admin_port: int | None
+    shutdown_grace: float
     sentry_dsn: str | None
     sentry_sample_rate: float
     sentry_environment: str

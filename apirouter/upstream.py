@@ -5,6 +5,16 @@ LLM calls, so every timeout is explicit; a shared client's cookie jar would carr
 user's cookies into the next user's request, so the jar refuses every cookie; bodies are
 relayed raw (``iter_raw``) so compressed upstream bytes reach the client as sent; and
 httpx's INFO log of every full URL is silenced.
+
+Pool size: the connection pool has no cap of its own. The capacity gate
+(``apirouter.capacity``) already bounds proxied requests in flight, and each holds at most
+one upstream connection, so a second, smaller cap could only turn request N+1 into a
+``PoolTimeout`` reported as an upstream failure: a false alert about a healthy provider.
+
+Idle watch: a stream's heartbeats come from the thread that reads it. Sockets are opened
+through ``WatchedBackend``, whose streams can be told (``watch_idle``) to call back every
+``interval`` seconds of upstream silence while the read goes on, so no second thread per
+stream is needed to notice silence.
 """
 
 from __future__ import annotations
@@ -12,9 +22,11 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
 
+import httpcore
 import httpx
 
 from apirouter import errors
@@ -31,15 +43,15 @@ class Upstream:
         connect_timeout: float,
         read_timeout: float,
         transport: httpx.BaseTransport | None = None,
+        keepalive_connections: int = 256,
     ) -> None:
         self.client = httpx.Client(
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
             ),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
             follow_redirects=False,
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            transport=transport,
+            transport=transport or WatchedTransport(keepalive_connections),
         )
 
     def send(
@@ -110,12 +122,13 @@ def iter_raw(response: httpx.Response) -> Iterator[bytes]:
 
 def translate_httpx_error(exc: Exception, host: str) -> errors.RouterError:
     """Map an httpx exception to the taxonomy. The only place that knows httpx's errors."""
+    if isinstance(exc, httpx.PoolTimeout):  # our own limit, never the provider's fault
+        return errors.OverCapacity(f"No free connection to the upstream {host}; retry shortly.")
     if isinstance(exc, httpx.TimeoutException):
         phase = {
             httpx.ConnectTimeout: "connecting to",
             httpx.ReadTimeout: "waiting for a response from",
             httpx.WriteTimeout: "sending the request to",
-            httpx.PoolTimeout: "waiting for a free connection to",
         }.get(type(exc), "talking to")
         return errors.UpstreamTimeout(f"Timed out {phase} the upstream {host}.")
     if isinstance(exc, httpx.ConnectError):
@@ -139,3 +152,135 @@ def _root_cause(exc: BaseException) -> BaseException:
         if nxt is None or nxt is seen:
             return seen
         seen = nxt
+
+
+# --- idle watch: heartbeats without a reader thread ------------------------------------------
+
+
+class WatchedStream(httpcore.NetworkStream):
+    """A socket stream whose blocking reads can call back during upstream silence.
+
+    httpcore reads from the socket only when its parser needs more bytes, i.e. when every
+    event received so far has been handed up; so silence seen here is real silence. A
+    callback that raises aborts the read (httpcore then closes the connection).
+
+    While watched, reads go straight to the socket with its timeout left at the heartbeat
+    interval: httpcore's own read resets the timeout before every read, one extra system
+    call per relayed event. Only for sockets we opened ourselves (``direct``): TLS inside
+    TLS reads through an SSL object, not the socket.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream, direct: bool, tls: bool = False) -> None:
+        self._inner = inner
+        self._direct = direct
+        self._tls = tls
+        self.idle: tuple[float, Callable[[], None]] | None = None
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self.idle is None:
+            return self._inner.read(max_bytes, timeout)
+        interval, on_idle = self.idle
+        step = interval if timeout is None else min(interval, timeout)
+        silent = 0.0
+        while True:
+            try:
+                return self._read_once(max_bytes, step)
+            except httpcore.ReadTimeout:
+                silent += step
+                if timeout is not None and silent >= timeout:
+                    raise
+                on_idle()
+
+    def _read_once(self, max_bytes: int, timeout: float) -> bytes:
+        if not self._direct:
+            return self._inner.read(max_bytes, timeout)
+        sock = self._inner.get_extra_info("socket")
+        try:
+            if sock.gettimeout() != timeout:
+                sock.settimeout(timeout)
+            data: bytes = sock.recv(max_bytes)
+            return data
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return WatchedStream(inner, direct=self._direct and not self._tls, tls=True)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class WatchedBackend(httpcore.NetworkBackend):
+    """httpcore's socket backend, with every stream wrapped in a ``WatchedStream``."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        inner = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return WatchedStream(inner, direct=True)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        inner = self._inner.connect_unix_socket(path, timeout, socket_options)
+        return WatchedStream(inner, direct=True)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class WatchedTransport(httpx.HTTPTransport):
+    """httpx's transport over a ``WatchedBackend`` pool with no connection cap of its own.
+
+    httpx offers no public way to choose the network backend, so the pool it built is
+    replaced by an equivalent one (same TLS context) that uses ours.
+    """
+
+    def __init__(self, keepalive_connections: int) -> None:
+        super().__init__()
+        ssl_context = self._pool._ssl_context
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=None,
+            max_keepalive_connections=keepalive_connections,
+            keepalive_expiry=httpx.Limits(max_connections=None).keepalive_expiry,
+            network_backend=WatchedBackend(),
+        )
+
+
+def watch_idle(
+    response: httpx.Response, interval: float, on_idle: Callable[[], None] | None
+) -> bool:
+    """Call ``on_idle`` every ``interval`` s of upstream silence while ``response`` is read.
+
+    Pass ``None`` to stop watching (before the connection goes back to the pool). Returns
+    False when the response did not come through a ``WatchedTransport`` (a test transport,
+    or a proxy from the environment): then there is nothing to watch.
+    """
+    stream = response.extensions.get("network_stream")
+    if not isinstance(stream, WatchedStream):
+        return False
+    stream.idle = None if on_idle is None else (interval, on_idle)
+    return True

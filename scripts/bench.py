@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
-"""Benchmark apirouter on loopback: throughput, latency and router CPU per request.
+"""Benchmark apirouter on loopback: CPU per request and per relayed event, capacity, probes.
 
-Starts a fast local upstream (waitress, its own process), then apirouter (`apirouter serve`,
-its own process, pinned to one core), drives load from a third process pinned to another
-core, and reads the router's CPU time from /proc before and after. Reports:
+Starts a local asyncio upstream (its own process, sharing the load generator's core), then
+apirouter (`apirouter serve`, its own process, pinned to core 0), drives load from this
+process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
 
-- non-streaming: requests/s, p50/p99 latency, router CPU per request;
-- streaming: time to first byte directly from the upstream vs through the router;
-- the same non-streaming run with Sentry enabled (DSN to a local ingest, no failures).
+- ``cpu``: alternating rounds, a fresh router each: plain requests, then 20-event streams
+  (events 5 ms apart, as a fast model streams), both at 8 connections. Reports medians:
+  router CPU per plain request, per stream, and per relayed event = (CPU per 20-event
+  stream - CPU per plain request) / 20. ``--baseline DIR`` alternates with another
+  checkout's ``apirouter`` package (run with its own defaults) round by round, and
+  ``--sentry`` adds a round with Sentry enabled (no failures, so no events).
+- ``streams``: N concurrent streams (default 1,000 of 20 events over 20 s): completions,
+  time to first byte p50/p99, added delay per event p99 (upstream send to client receipt,
+  both on CLOCK_MONOTONIC), whether every first byte arrived before any stream ended, peak
+  router RSS, and /health latency on the main and admin ports while every slot is busy.
+- ``slowloris``: N connections sending request headers one byte a second, while /health
+  (main and admin port) and real requests are timed.
 
-    python scripts/bench.py                 # defaults: 4000 requests, 8 connections
-    python scripts/bench.py --requests 20000 --connections 16
-    python scripts/bench.py --redis         # rate limiting on local state vs on Redis
-
-``--redis`` starts a local redis-server (no persistence, on the load generator's core) and
-alternates runs with the same rate limit (high enough never to refuse) kept in-process and
-kept in Redis (APIROUTER_REDIS_URL); it reports the median router CPU per request of each,
-the difference, and redis-server's own CPU per request.
+    python scripts/bench.py cpu --rounds 5
+    python scripts/bench.py streams --streams 1000 --stream-seconds 20
+    python scripts/bench.py slowloris --connections 1000
+    python scripts/bench.py cpu --baseline /tmp/base   # alternate with another checkout
 
 Figures depend on the machine; compare runs on the same one. Not part of the test suite.
 """
@@ -24,9 +29,11 @@ Figures depend on the machine; compare runs on the same one. Not part of the tes
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -35,34 +42,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-UPSTREAM = r"""
-import json, sys, time
-from waitress import serve
+UPSTREAM = Path(__file__).with_name("sse_upstream.py")
 
-CHAT = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                 "finish_reason": "stop"}]}).encode()
+PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
+HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
 
-def app(environ, start_response):
-    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-    if environ["PATH_INFO"].endswith("/api/1/envelope/"):  # a Sentry ingest that accepts
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b"{}"]
-    if b'"stream": true' in body:
-        start_response("200 OK", [("Content-Type", "text/event-stream")])
-        def events():
-            yield b'data: {"first": true}\n\n'
-            time.sleep(0.02)
-            yield b"data: [DONE]\n\n"
-        return events()
-    start_response("200 OK", [("Content-Type", "application/json"),
-                              ("Content-Length", str(len(CHAT)))])
-    return [CHAT]
 
-serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=16, _quiet=True)
-"""
+def stream_payload(events: int, gap: float) -> bytes:
+    return json.dumps({"model": "m", "stream": True, "events": events, "gap": gap}).encode()
+
+
+# --- processes ------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -86,106 +80,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_redis(port: int, core: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
-    )
-    wait_listening(port)
-    return process
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
-def redis_comparison(config: Path, args) -> list[dict]:
-    """Median router CPU per request: rate limiting in-process vs in Redis, alternating."""
-    redis_port = free_port()
-    redis = start_redis(redis_port, core=1 % os.cpu_count())
-    limit = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000", "RATE_LIMIT_BURST": "100000000"}
-    runs = {
-        "rate limit, local state": limit,
-        "rate limit, Redis": {**limit, "APIROUTER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
-    }
-    cpu: dict[str, list[float]] = {label: [] for label in runs}
-    redis_cpu: list[float] = []
-    try:
-        for _ in range(args.rounds):
-            for label, env in runs.items():
-                before = cpu_seconds(redis.pid)
-                result = non_streaming(label, config, env, args)
-                cpu[label].append(result["router_cpu_ms_per_request"])
-                if "APIROUTER_REDIS_URL" in env:  # includes the warm-up requests
-                    spent = cpu_seconds(redis.pid) - before
-                    redis_cpu.append(spent / (args.requests + min(500, args.requests)) * 1000)
-    finally:
-        redis.terminate()
-        redis.wait(timeout=10)
-    local, shared = (statistics.median(cpu[label]) for label in runs)
-    return [
-        {
-            "run": label,
-            "router_cpu_ms_per_request_median": round(statistics.median(v), 3),
-            "runs": v,
-        }
-        for label, v in cpu.items()
-    ] + [
-        {
-            "run": "Redis-backed rate limiting",
-            "added_router_cpu_ms_per_request": round(shared - local, 3),
-            "redis_server_cpu_ms_per_request_median": round(statistics.median(redis_cpu), 3),
-        }
-    ]
+class RouterProcess:
+    """`apirouter serve` on core 0; `admin_port` is None when the router has no admin port."""
+
+    def __init__(self, config: Path, env: dict[str, str], args: argparse.Namespace) -> None:
+        self.port = free_port()
+        self.admin_port = free_port() if args.admin else None
+        command = [sys.executable, "-m", "apirouter", "serve", "--config", str(config)]
+        command += ["--port", str(self.port), *args.router_arg]
+        if self.admin_port:
+            command += ["--admin-port", str(self.admin_port)]
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+        )
+        wait_listening(self.port)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
 
 
-def start_router(config: Path, port: int, env: dict[str, str], core: int) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "apirouter",
-        "serve",
-        "--config",
-        str(config),
-        "--port",
-        str(port),
-        "--threads",
-        "32",
-    ]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stderr=subprocess.DEVNULL,
-        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
-    )
-    wait_listening(port)
-    return process
+# --- cpu mode -------------------------------------------------------------------------------
 
 
 def load(port: int, total: int, connections: int, payload: bytes) -> list[float]:
-    """Keep-alive POSTs from `connections` threads; returns per-request latencies."""
+    """Keep-alive POSTs from `connections` threads, bodies read whole; returns latencies."""
     latencies: list[float] = []
     lock = threading.Lock()
-    per_thread = total // connections
 
     def worker() -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port)
         mine = []
-        for _ in range(per_thread):
+        for _ in range(total // connections):
             start = time.perf_counter()
-            conn.request(
-                "POST",
-                "/v1/chat/completions",
-                payload,
-                {"Content-Type": "application/json", "Authorization": "Bearer bench"},
-            )
+            conn.request("POST", "/v1/chat/completions", payload, HEADERS)
             response = conn.getresponse()
             response.read()
             if response.status != 200:
@@ -203,20 +144,232 @@ def load(port: int, total: int, connections: int, payload: bytes) -> list[float]
     return latencies
 
 
-def ttfb(port: int, path: str, samples: int) -> list[float]:
-    """Time to first byte of a streamed response, one request at a time."""
-    results = []
-    body = json.dumps({"model": "m", "stream": True}).encode()
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    for _ in range(samples):
-        start = time.perf_counter()
-        conn.request("POST", path, body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read1(1)
-        results.append(time.perf_counter() - start)
-        response.read()
-    conn.close()
+def cpu_per_request(router: RouterProcess, total: int, connections: int, payload: bytes) -> float:
+    load(router.port, max(connections, total // 10), connections, payload)  # warm-up
+    before = router.cpu()
+    done = len(load(router.port, total, connections, payload))
+    return (router.cpu() - before) / done
+
+
+def cpu_round(config: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, ...]:
+    """One round on a fresh router: CPU per plain request, per 20-event stream."""
+    router = RouterProcess(config, env, args)
+    try:
+        plain = cpu_per_request(router, args.requests, 8, PAYLOAD)
+        stream = cpu_per_request(router, args.stream_requests, 8, stream_payload(20, args.gap))
+    finally:
+        router.stop()
+    return plain, stream
+
+
+def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
+    plain = [r[0] for r in rounds]
+    streams = [r[1] for r in rounds]
+    per_plain, per_stream = statistics.median(plain), statistics.median(streams)
+    return {
+        "run": f"{label}: router CPU at 8 connections, medians of {len(rounds)} alternating rounds",
+        "plain_request_ms": round(per_plain * 1000, 3),
+        "plain_request_ms_each_round": [round(v * 1000, 3) for v in plain],
+        "stream_20_events_ms": round(per_stream * 1000, 3),
+        "stream_ms_each_round": [round(v * 1000, 3) for v in streams],
+        "per_relayed_event_us": round((per_stream - per_plain) / 20 * 1e6, 1),
+    }
+
+
+def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
+    """Alternate this checkout with ``--baseline`` (another checkout's source) per round."""
+    variants: dict[str, tuple[dict[str, str], argparse.Namespace]] = {"this": ({}, args)}
+    if args.sentry:  # the upstream doubles as a Sentry ingest that accepts every envelope
+        variants["this, Sentry on"] = (
+            {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"},
+            args,
+        )
+    if args.baseline:
+        old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
+        variants = {"baseline": ({"PYTHONPATH": args.baseline}, old), **variants}
+    rounds: dict[str, list] = {label: [] for label in variants}
+    for _ in range(args.rounds):  # alternate, fresh router each: clocks and neighbours drift
+        for label, (env, variant_args) in variants.items():
+            rounds[label].append(cpu_round(config, env, variant_args))
+    return [cpu_summary(label, results) for label, results in rounds.items()]
+
+
+# --- streams mode ---------------------------------------------------------------------------
+
+
+async def read_chunked_events(reader: asyncio.StreamReader, on_event: Callable[[bytes], None]):
+    while True:
+        size = int((await reader.readline()).strip() or b"0", 16)
+        if size == 0:
+            await reader.readline()
+            return
+        on_event(await reader.readexactly(size))
+        await reader.readline()
+
+
+async def one_stream(port: int, payload: bytes, record: dict[str, Any]) -> None:
+    start = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        record["status"] = int(head.split(b" ", 2)[1])
+
+        def on_event(data: bytes) -> None:
+            now = time.monotonic()
+            if "first" not in record:
+                record["first"], record["first_at"] = now - start, now
+            if data.startswith(b'data: {"i"'):
+                sent = json.loads(data[6:])["t"]
+                record["delays"].append((sent, now - sent))
+
+        if record["status"] == 200:
+            await read_chunked_events(reader, on_event)
+        record["end"] = time.monotonic()
+        writer.close()
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        record["error"] = type(exc).__name__
+
+
+async def probe_loop(url_ports: dict[str, int | None], stop: asyncio.Event) -> dict[str, list]:
+    """GET /health on each port every 200 ms until `stop`; latencies (None = no answer in 2 s)."""
+    results: dict[str, list] = {name: [] for name, port in url_ports.items() if port}
+    while not stop.is_set():
+        for name in results:
+            results[name].append(await asyncio.to_thread(probe, url_ports[name], "/health"))
+        await asyncio.sleep(0.2)
     return results
+
+
+def probe(port: int, path: str, timeout: float = 2.0) -> float | None:
+    start = time.perf_counter()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return time.perf_counter() - start if response.status == 200 else None
+    except OSError:
+        return None
+
+
+def summarize_probes(probes: dict[str, list]) -> dict[str, Any]:
+    summary = {}
+    for name, values in probes.items():
+        answered = [v for v in values if v is not None]
+        summary[f"{name}_probes"] = f"{len(answered)}/{len(values)} answered"
+        if answered:
+            summary[f"{name}_probe_p50_ms"] = round(statistics.median(answered) * 1000, 1)
+            summary[f"{name}_probe_max_ms"] = round(max(answered) * 1000, 1)
+    return summary
+
+
+async def streams_run(router: RouterProcess, args: argparse.Namespace) -> dict[str, Any]:
+    gap = args.stream_seconds / 19
+    payload = stream_payload(20, gap)
+    records = [{"delays": []} for _ in range(args.streams)]
+    stop = asyncio.Event()
+    probes = asyncio.create_task(
+        probe_loop({"main": router.port, "admin": router.admin_port}, stop)
+    )
+    await asyncio.sleep(0.5)
+    limit = args.stream_seconds + 60  # bounded: a stuck stream is reported, not waited for
+    await asyncio.gather(
+        *(asyncio.wait_for(one_stream(router.port, payload, r), limit) for r in records),
+        return_exceptions=True,
+    )
+    stop.set()
+    ok = [r for r in records if r.get("status") == 200 and "end" in r]
+    firsts = sorted(r["first"] for r in ok)
+    delays = sorted(d for r in ok for _, d in r["delays"])
+    ramped = max((r["first_at"] for r in ok), default=0.0)  # every stream had started
+    steady = sorted(d for r in ok for sent, d in r["delays"] if sent > ramped)
+    return {
+        "run": f"{args.streams} concurrent streams of 20 events over {args.stream_seconds}s",
+        "completed": len(ok),
+        "refused_or_failed": len(records) - len(ok),
+        "never_answered": sum("status" not in r for r in records),
+        "answered_but_unfinished": sum("status" in r and "end" not in r for r in records),
+        "ttfb_p50_ms": round(percentile(firsts, 0.5) * 1000, 1) if ok else None,
+        "ttfb_p99_ms": round(percentile(firsts, 0.99) * 1000, 1) if ok else None,
+        "event_delay_p50_ms": round(percentile(delays, 0.5) * 1000, 2) if delays else None,
+        "event_delay_p99_ms": round(percentile(delays, 0.99) * 1000, 2) if delays else None,
+        "event_delay_p99_after_all_started_ms": round(percentile(steady, 0.99) * 1000, 2)
+        if steady
+        else None,
+        "every_first_byte_before_any_end": bool(ok)
+        and max(r["first_at"] for r in ok) < min(r["end"] for r in ok),
+        "router_peak_rss_mb": round(peak_rss_mb(router.process.pid), 1),
+        **summarize_probes(await probes),
+    }
+
+
+def streams_mode(config: Path, args: argparse.Namespace) -> list[dict]:
+    router = RouterProcess(config, {}, args)
+    try:
+        return [asyncio.run(streams_run(router, args))]
+    finally:
+        router.stop()
+
+
+# --- slowloris mode -------------------------------------------------------------------------
+
+
+async def slowloris_run(router: RouterProcess, args: argparse.Namespace) -> dict[str, Any]:
+    writers = []
+    for _ in range(args.connections):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        except OSError:
+            break
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        writers.append(writer)
+    stop = asyncio.Event()
+    probes = asyncio.create_task(
+        probe_loop({"main": router.port, "admin": router.admin_port}, stop)
+    )
+    real: list[bool] = []
+    deadline = time.monotonic() + args.slowloris_seconds
+    while time.monotonic() < deadline:
+        for writer in writers:
+            if not writer.is_closing():
+                writer.write(b"X")
+        real.append(await asyncio.to_thread(real_request, router.port))
+        await asyncio.sleep(1)
+    stop.set()
+    for writer in writers:
+        writer.close()
+    return {
+        "run": f"{len(writers)} slowloris connections for {args.slowloris_seconds}s",
+        "real_requests_ok": f"{sum(real)}/{len(real)}",
+        **summarize_probes(await probes),
+    }
+
+
+def real_request(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/v1/chat/completions", PAYLOAD, HEADERS)
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def slowloris_mode(config: Path, args: argparse.Namespace) -> list[dict]:
+    router = RouterProcess(config, {}, args)
+    try:
+        return [asyncio.run(slowloris_run(router, args))]
+    finally:
+        router.stop()
+
+
+# --- main -----------------------------------------------------------------------------------
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -224,102 +377,46 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def non_streaming(label: str, config: Path, env: dict[str, str], args) -> dict:
-    port = free_port()
-    router = start_router(config, port, env, core=0)
-    try:
-        load(port, min(500, args.requests), args.connections, PAYLOAD)  # warm-up
-        before = cpu_seconds(router.pid)
-        started = time.perf_counter()
-        latencies = load(port, args.requests, args.connections, PAYLOAD)
-        elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(router.pid) - before
-    finally:
-        router.send_signal(signal.SIGTERM)
-        router.wait(timeout=20)
-    return {
-        "run": label,
-        "requests": len(latencies),
-        "requests_per_second": round(len(latencies) / elapsed),
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
-        "router_cpu_ms_per_request": round(cpu / len(latencies) * 1000, 3),
-    }
-
-
-PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--stream-samples", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per config")
+    parser.add_argument("mode", choices=["cpu", "streams", "slowloris"])
+    parser.add_argument("--requests", type=int, default=4000, help="plain requests per round")
+    parser.add_argument("--stream-requests", type=int, default=400, help="streams per round")
+    parser.add_argument("--gap", type=float, default=0.005, help="seconds between events")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating cpu rounds")
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--stream-seconds", type=float, default=20.0)
+    parser.add_argument("--connections", type=int, default=1000, help="slowloris connections")
+    parser.add_argument("--slowloris-seconds", type=int, default=10)
+    parser.add_argument("--baseline", help="cpu mode: also run this apirouter source dir")
+    parser.add_argument("--sentry", action="store_true", help="cpu mode: also with Sentry on")
+    parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
-        "--redis", action="store_true", help="only compare rate limiting: local vs Redis"
+        "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"
     )
     args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
     upstream_port = free_port()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(upstream_port)])
+    upstream = subprocess.Popen([sys.executable, str(UPSTREAM), str(upstream_port)])
     wait_listening(upstream_port)
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "bench.json"
         config.write_text(
             json.dumps({"name": "bench", "baseUrl": f"http://127.0.0.1:{upstream_port}/v1"})
         )
         try:
-            if args.redis:
-                for result in redis_comparison(config, args):
-                    print(json.dumps(result))
-                return
-            dsn = f"http://public@127.0.0.1:{upstream_port}/1"
-            runs = {
-                "non-streaming, Sentry off": {},
-                "non-streaming, Sentry on": {"SENTRY_DSN": dsn},
-            }
-            for _ in range(args.rounds):  # alternate, keep the best of each: clocks drift
-                for label, env in runs.items():
-                    result = non_streaming(label, config, env, args)
-                    best = next((r for r in results if r["run"] == label), None)
-                    if (
-                        best is None
-                        or result["router_cpu_ms_per_request"] < best["router_cpu_ms_per_request"]
-                    ):
-                        results = [r for r in results if r["run"] != label] + [result]
-            port = free_port()
-            router = start_router(config, port, {}, core=0)
-            try:
-                ttfb(port, "/v1/chat/completions", 20)  # warm-up
-                via_router = ttfb(port, "/v1/chat/completions", args.stream_samples)
-                direct = ttfb(upstream_port, "/v1/chat/completions", args.stream_samples)
-            finally:
-                router.send_signal(signal.SIGTERM)
-                router.wait(timeout=20)
-            results.append(
-                {
-                    "run": "streaming time to first byte",
-                    "direct_p50_ms": round(statistics.median(direct) * 1000, 3),
-                    "via_router_p50_ms": round(statistics.median(via_router) * 1000, 3),
-                    "added_p50_ms": round(
-                        (statistics.median(via_router) - statistics.median(direct)) * 1000, 3
-                    ),
-                    "added_p99_ms": round(
-                        (percentile(via_router, 0.99) - percentile(direct, 0.99)) * 1000, 3
-                    ),
-                }
-            )
+            if args.mode == "cpu":
+                results = cpu_mode(config, upstream_port, args)
+            elif args.mode == "streams":
+                results = streams_mode(config, args)
+            else:
+                results = slowloris_mode(config, args)
         finally:
             upstream.terminate()
             upstream.wait(timeout=10)
-    off, on = (next(r for r in results if r["run"] == label) for label in runs)
-    overhead = on["router_cpu_ms_per_request"] / off["router_cpu_ms_per_request"] - 1
-    results.append(
-        {"run": "Sentry enabled, no failures", "cpu_overhead_percent": round(overhead * 100, 1)}
-    )
     for result in results:
         print(json.dumps(result))
 

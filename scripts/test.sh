@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the tests need into .venv, check lint, formatting and types, then run the
-# whole suite: the fast tests, then the end-to-end tests against a real Sentry-protocol
-# server (Bugsink, installed into its own venv by tests/e2e). Any lint or type error fails
-# this script before a test runs; pytest's exit code 5 ("no tests ran") fails it like any error.
+# whole suite: the fast tests, the end-to-end tests against a real Sentry-protocol server
+# (Bugsink, installed into its own venv by tests/e2e), then the load tests. Any lint or
+# type error fails this script before a test runs; pytest's exit code 5 ("no tests ran")
+# fails it like any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The fleet tests run a real redis-server (Debian's package); CI runs as root on Debian.
@@ -14,3 +15,6 @@ python3 -m venv .venv
 .venv/bin/python -m mypy
 .venv/bin/python -m pytest "$@"
 .venv/bin/python -m pytest -m e2e tests/e2e "$@"
+# Load tests (1,000 concurrent streams, 1,000 slowloris connections, capacity refusals,
+# drain on SIGTERM). Budget: 5 minutes on 2 cores; they take about one.
+.venv/bin/python -m pytest -m load tests/load "$@"

@@ -1,0 +1,186 @@
+"""The embedded server: sizing, slow clients, keep-alive after streams, the admin listener."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from support import wait_until
+from upstream_fakes import chat_stream, sse_response
+
+from apirouter import server
+from apirouter.settings import Settings
+
+CHAT = "/v1/chat/completions"
+
+
+def test_sizing_follows_capacity_within_the_open_files_limit():
+    sizing = server.size_for(1024, None, 20000)
+    assert sizing.threads == 1024 + server.SPARE_THREADS
+    assert sizing.connection_limit == 2048
+    small = server.size_for(1024, None, 1024)  # each busy request also needs an upstream socket
+    assert small.connection_limit == max(1024 - server.RESERVED_FILES - 1024, 16)
+    assert "open files 1024" in small.describe()
+    assert server.size_for(10, 64, 20000).threads == 64  # --threads wins when given
+
+
+def test_serve_options_override_the_environment():
+    settings = Settings.from_env({"APIROUTER_MAX_CONCURRENT": "5"})
+    assert server.with_options(settings, None, None) == settings
+    changed = server.with_options(settings, 7, 0)
+    assert (changed.max_concurrent, changed.admin_port) == (7, 0)
+
+
+def test_overdue_allows_time_for_bodies_in_proportion_to_their_size():
+    assert not server.overdue(None, 0, 1000.0, 1.0)  # nothing arriving
+    assert not server.overdue(10.0, 0, 10.9, 1.0)
+    assert server.overdue(10.0, 0, 11.1, 1.0)
+    assert not server.overdue(10.0, 10 * server.BODY_ALLOWANCE_BYTES, 20.0, 1.0)
+
+
+def read_until_closed(connection: socket.socket, timeout: float = 10.0) -> bytes:
+    connection.settimeout(timeout)
+    received = b""
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def test_slow_headers_get_408_and_the_connection_is_closed(make_router):
+    router = make_router(header_timeout=0.3)
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+        answer = read_until_closed(slow)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b'"code": "request_timeout"' in answer
+    wait_until(
+        lambda: router.sample("apirouter_requests_refused_total", {"reason": "header_timeout"})
+    )
+
+
+def test_a_connection_that_never_sends_a_byte_is_closed_too(make_router):
+    router = make_router(header_timeout=0.3)
+    host, port = router.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as silent:
+        assert read_until_closed(silent).startswith(b"HTTP/1.1 408")
+
+
+def test_prompt_clients_are_not_timed_out_between_requests(make_router, httpserver):
+    """The clock runs only while a request is arriving, not on an idle keep-alive."""
+    router = make_router(header_timeout=0.3)
+    httpserver.expect_request(CHAT).respond_with_json({"ok": True})
+    with httpx.Client() as client:
+        assert client.post(router.url + CHAT, json={"model": "m"}).status_code == 200
+        deadline = time.monotonic() + 1.0
+        wait_until(lambda: time.monotonic() > deadline, timeout=2)  # idle past the timeout
+        assert client.post(router.url + CHAT, json={"model": "m"}).status_code == 200
+    assert router.sample("apirouter_requests_refused_total", {"reason": "header_timeout"}) == 0
+
+
+def test_connection_stays_open_after_a_stream(router, httpserver):
+    """waitress closes after every response without Content-Length; streams keep it."""
+    httpserver.expect_request(CHAT).respond_with_handler(
+        lambda _: sse_response(chat_stream(["a", "b"]))
+    )
+    host, port = router.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    sockets = []
+    for _ in range(2):
+        connection.request(
+            "POST", CHAT, b'{"model": "m", "stream": true}', {"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        assert response.read().endswith(b"data: [DONE]\n\n")
+        assert response.getheader("Connection") is None
+        sockets.append(connection.sock)
+    assert sockets[0] is sockets[1] and sockets[0] is not None
+    connection.request(
+        "POST",
+        CHAT,
+        b'{"model": "m", "stream": true}',
+        {"Connection": "close", "Content-Type": "application/json"},
+    )
+    assert connection.getresponse().getheader("Connection") == "close"
+    connection.close()
+
+
+@contextmanager
+def running(app, threads: int | None = None) -> Iterator[tuple[object, threading.Event]]:
+    http_server = server.make_server(app, "127.0.0.1", 0, threads)
+    stopping = threading.Event()
+    thread = threading.Thread(
+        target=server.run, args=(http_server, app), kwargs={"stopping": stopping}, daemon=True
+    )
+    thread.start()
+    try:
+        yield http_server, stopping
+    finally:
+        stopping.set()
+        thread.join(timeout=15)
+
+
+@pytest.fixture
+def app_with_admin(make_router):
+    return make_router(admin_port=0).app  # the app; each test serves it on its own server
+
+
+def test_admin_listener_answers_probes_while_every_worker_is_busy(app_with_admin, httpserver):
+    busy = threading.Event()
+    release = threading.Event()
+
+    def stall(request):
+        busy.set()
+        release.wait(10)
+        return sse_response([b"data: [DONE]\n\n"])
+
+    httpserver.expect_request(CHAT).respond_with_handler(stall)
+    with running(app_with_admin, threads=1) as (http_server, _):
+        main = server.listen_urls(http_server)[0]
+        admin = http_server.admin.url
+        worker = threading.Thread(
+            target=httpx.post, args=(main + CHAT,), kwargs={"json": {"model": "m"}, "timeout": 10}
+        )
+        worker.start()
+        assert busy.wait(10)  # the only worker thread is held by the upstream call
+        try:
+            assert httpx.get(admin + "/health", timeout=5).json()["status"] == "ok"
+            assert httpx.get(admin + "/health/ready", timeout=5).status_code == 200
+            assert (
+                b"apirouter_streams_in_flight" in httpx.get(admin + "/metrics", timeout=5).content
+            )
+            assert httpx.post(admin + CHAT, json={"model": "m"}, timeout=5).status_code == 404
+        finally:
+            release.set()
+            worker.join(10)
+    assert any(line.startswith("admin") for line in server.banner_lines(http_server))
+
+
+def test_shutdown_turns_ready_to_503_while_a_stream_finishes(app_with_admin, httpserver):
+    release = threading.Event()
+
+    def held():
+        yield b"data: 1\n\n"
+        release.wait(10)
+        yield b"data: [DONE]\n\n"
+
+    httpserver.expect_request(CHAT).respond_with_response(sse_response(held()))
+    with running(app_with_admin) as (http_server, stopping):
+        main = server.listen_urls(http_server)[0]
+        admin = http_server.admin.url
+        with httpx.stream(
+            "POST", main + CHAT, json={"model": "m", "stream": True}, timeout=10
+        ) as response:
+            chunks = response.iter_raw()
+            assert next(chunks) == b"data: 1\n\n"
+            assert httpx.get(admin + "/health/ready").status_code == 200
+            stopping.set()  # what SIGTERM does
+            wait_until(lambda: httpx.get(admin + "/health/ready").status_code == 503)
+            release.set()
+            assert b"".join(chunks) == b"data: [DONE]\n\n"  # the stream in flight finished
