@@ -95,6 +95,7 @@ class Attempts:
         while True:
             endpoint, body = self._prepare(plan, target)
             plan.pinned = plan.pinned or body.pinned
+            ctx.model = body.model
             try:
                 response = self._attempt(plan, target, endpoint, body)
             except errors.UpstreamFailure as error:

@@ -29,6 +29,7 @@ keeps its own mapping table.
         ├── UpstreamDNSError            502 host name did not resolve
         ├── UpstreamTLSError            502 TLS handshake or certificate failure
         ├── UpstreamProtocolError       502 broken or truncated HTTP response
+        ├── UpstreamStreamCut           the body was cut after the client got the headers
         ├── UpstreamTimeout             504
         ├── UpstreamServerError         the upstream's own 5xx, passed through as sent
         └── HealthCheckFailed           an active health check got a 5xx (no client involved)
@@ -228,6 +229,15 @@ class UpstreamTLSError(UpstreamFailure):
 
 class UpstreamProtocolError(UpstreamFailure):
     error_type = "upstream_protocol_error"
+
+
+class UpstreamStreamCut(UpstreamFailure):
+    """The upstream cut its body mid-way, after the client had the status and headers.
+
+    The client sees an incomplete response (no terminating chunk, or short of its
+    Content-Length), never a clean end; the status it got stays the logged one."""
+
+    error_type = "upstream_stream_cut"
 
 
 class UpstreamTimeout(UpstreamFailure):

@@ -40,6 +40,7 @@ class Body:
     stream: bool
     content_type: str | None = JSON
     pinned: bool = False  # names an object that lives with one account (previous_response_id)
+    model: str | None = None  # the upstream model when modelMapping chose it (a safe label)
 
     @property
     def replayable(self) -> bool:
@@ -193,7 +194,7 @@ def json_body(
     if add_usage:  # right after the opening brace: the object has members (model at least)
         brace = text.index("{")
         text = text[: brace + 1] + _ASK_USAGE + text[brace + 1 :]
-    return Body(text.encode("utf-8"), stream, pinned=pinned)
+    return Body(text.encode("utf-8"), stream, pinned=pinned, model=target)
 
 
 _DECODER = json.JSONDecoder()
@@ -286,7 +287,7 @@ def multipart_body(
         if target is None:
             return Body(raw, False, content_type)
         parts[index] = head + separator + target.encode() + b"\r\n"
-        return Body(delimiter.join(parts), False, content_type)
+        return Body(delimiter.join(parts), False, content_type, model=target)
     if not required:
         return Body(raw, False, content_type)
     raise errors.BadRequest("Multipart body is missing the required 'model' form field.")

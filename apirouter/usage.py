@@ -26,6 +26,16 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+# The routes whose answers carry token usage.
+USAGE_ROUTES = frozenset(
+    (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+    )
+)
 MAX_JSON_BODY = 4 * 1024 * 1024  # larger bodies are not kept for parsing
 MAX_PENDING_EVENT = 1024 * 1024  # an SSE event larger than this is skipped
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n")

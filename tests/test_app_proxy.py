@@ -277,27 +277,92 @@ def test_tls_failure_gives_502(make_router, httpserver):
     assert response.json()["error"]["code"] == "upstream_tls_error"
 
 
-def test_truncated_upstream_response_gives_502(make_router):
-    """An upstream that promises 100 bytes, sends 3 and hangs up."""
+def cutting_upstream(head: bytes) -> tuple[str, threading.Thread, socket.socket]:
+    """An upstream that sends ``head`` (status, headers, part of a body) and hangs up."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve_once():
         connection, _ = listener.accept()
         with connection:
             connection.recv(65536)
-            connection.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                b'Content-Length: 100\r\n\r\n{"a'
-            )
+            connection.sendall(head)
 
     thread = threading.Thread(target=serve_once, daemon=True)
     thread.start()
-    router = make_router({"baseUrl": f"http://127.0.0.1:{listener.getsockname()[1]}/v1"})
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", thread, listener
+
+
+def test_a_small_answer_cut_short_gives_502(make_router):
+    """An answer of known, small length is read whole before it goes out: a cut one is a
+    clean 502 (the client has received nothing yet)."""
+    base_url, thread, listener = cutting_upstream(
+        b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"a'
+    )
+    router = make_router({"baseUrl": base_url, "retry": {"maxAttempts": 1}})
     response = post(router, {"model": "m"})
     thread.join(5)
     listener.close()
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_protocol_error"
+
+
+def test_a_large_answer_cut_short_of_its_content_length_reaches_the_client_incomplete(
+    make_router,
+):
+    """A large answer is relayed as it arrives, so a cut cannot become a 502: the client
+    gets the 200 it was sent, then a connection closed short of Content-Length, and the
+    router records an upstream failure."""
+    base_url, thread, listener = cutting_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b"x" * 5000
+    )
+    router = make_router({"baseUrl": base_url, "retry": {"maxAttempts": 1}})
+    with httpx.stream("POST", router.url + CHAT, json={"model": "m"}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-length"] == "1000000"
+        with pytest.raises(httpx.RemoteProtocolError):
+            response.read()
+    thread.join(5)
+    listener.close()
+    labels = {"provider": "testprov", "error_type": "upstream_stream_cut"}
+    wait_until(lambda: router.sample("apirouter_upstream_errors_total", labels) == 1)
+
+
+def test_a_stream_cut_mid_event_ends_without_its_terminating_chunk(make_router):
+    event = b'data: {"choices": []}\n\n'
+    half = b'data: {"h'
+    base_url, thread, listener = cutting_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(event), event)
+        + b"%x\r\n%s" % (len(half) + 20, half)  # half an event, then the upstream hangs up
+    )
+    router = make_router({"baseUrl": base_url, "retry": {"maxAttempts": 1}})
+    raw = raw_post(router.url, CHAT, b'{"model": "m", "stream": true}')
+    thread.join(5)
+    listener.close()
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert b'data: {"h' in raw  # what arrived was relayed...
+    assert not raw.endswith(b"0\r\n\r\n")  # ...but the response never claims to be whole
+    labels = {"provider": "testprov", "error_type": "upstream_stream_cut"}
+    wait_until(lambda: router.sample("apirouter_upstream_errors_total", labels) == 1)
+
+
+def raw_post(url: str, path: str, body: bytes) -> bytes:
+    """POST over a raw socket and read until the router closes: the exact bytes it sent."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: r\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    return received
 
 
 def test_sse_responses_tell_proxies_not_to_buffer(router, httpserver):
