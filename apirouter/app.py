@@ -212,6 +212,7 @@ class App:
             "upstreams": self.reporter.breakers.describe(config),
             "sentry": self.reporter.sentry_health(),
             "rate_limiter": {"buckets": len(self.limiter)},
+            "tokens": self.reporter.tokens_since_start(),
             "redis": self.reporter.state.health(),
             "capacity": self.capacity.snapshot(),
         }
@@ -295,7 +296,7 @@ class App:
         usage = _usage_reader(endpoint, content_type, upstream_response)
         relay = Relay(
             upstream_response,
-            on_close=functools.partial(self._finish_relay, ctx, status, error, timing, usage),
+            on_close=functools.partial(self._finish_relay, ctx, status, error, timing, usage, sse),
             heartbeat_seconds=endpoint.stream_config.heartbeat_interval_secs if sse else None,
             observer=usage,
             on_first_byte=timing.first_byte,
@@ -337,9 +338,10 @@ class App:
         error: errors.RouterError | None,
         timing: _Timing,
         usage: UsageReader | None,
+        sse: bool,
         relay_error: errors.RouterError | None,
     ) -> None:
-        timing.finished()
+        timing.finished(sse)
         if usage is not None:
             ctx.usage = usage.result()
         self.reporter.finish(ctx, Outcome(status, relay_error or error))
@@ -378,8 +380,8 @@ class _Timing:
             self._first_at - self._headers_at
         )
 
-    def finished(self) -> None:
-        if self._first_at is not None:
+    def finished(self, sse: bool) -> None:
+        if sse and self._first_at is not None:
             self._ctx.stream_seconds = self._clock() - self._first_at
 
 

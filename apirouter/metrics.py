@@ -120,6 +120,34 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.tokens = Counter(
+            "apirouter_tokens",
+            "Tokens by provider, model (mapped upstream model, else other) and kind: input "
+            "(all billed input, cached included), cached_input, output.",
+            ["provider", "model", "kind"],
+            registry=registry,
+        )
+        self.tokens_by_key = Counter(
+            "apirouter_tokens_by_key",
+            "Tokens per anonymised client key (APIROUTER_METRICS_PER_KEY=1; at most "
+            "1000 keys, then other) and kind.",
+            ["client_key", "kind"],
+            registry=registry,
+        )
+        self.time_to_first_byte = Histogram(
+            "apirouter_time_to_first_byte_seconds",
+            "From sending the request upstream to the first byte of its answer's body.",
+            ["provider", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stream_duration = Histogram(
+            "apirouter_stream_duration_seconds",
+            "From the first to the last byte of a relayed SSE stream.",
+            ["provider", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "apirouter_upstream_errors",
             "Upstream failures, by provider and error type.",

@@ -28,6 +28,7 @@ from apirouter.redis_events import RedisEventReporter
 from apirouter.settings import Settings
 
 log = logging.getLogger("apirouter.report")
+MAX_KEYS = 1000  # distinct client keys counted per process with APIROUTER_METRICS_PER_KEY
 config_log = logging.getLogger("apirouter.config")
 
 
@@ -50,6 +51,9 @@ class Reporter:
         self.state = state.build(settings, events, clock=clock)
         self.tracker = self.state.tracker
         self.breakers = Breakers(clock)
+        self.metrics_per_key = settings.metrics_per_key
+        self._tokens: dict[str, dict[str, int]] = {}
+        self._keys_seen: set[str] = set()
         self._in_flight = 0
         self._lock = threading.Lock()
         self.metrics.in_flight.set_function(lambda: self._in_flight)
@@ -86,6 +90,7 @@ class Reporter:
         metrics.request_duration.labels(ctx.route).observe(elapsed)
         if ctx.upstream_seconds is not None:
             metrics.upstream_duration.labels(ctx.provider).observe(ctx.upstream_seconds)
+        self._record_answer(ctx)
         captured = False
         if error is not None:
             if error.upstream_failure:
@@ -170,6 +175,44 @@ class Reporter:
         if recovery is not None:
             self._recovery(recovery)
 
+    def _record_answer(self, ctx: RequestContext) -> None:
+        """Time to first byte, stream duration and tokens: what the relay read on the side."""
+        metrics = self.metrics
+        if ctx.first_byte_seconds is not None:
+            metrics.time_to_first_byte.labels(ctx.provider, ctx.route).observe(
+                ctx.first_byte_seconds
+            )
+        if ctx.stream_seconds is not None:
+            metrics.stream_duration.labels(ctx.provider, ctx.route).observe(ctx.stream_seconds)
+        usage = ctx.usage
+        if usage is None:
+            return
+        model = ctx.model or "other"  # only names modelMapping chose: a bounded label set
+        counts = {"input": usage.input, "cached_input": usage.cached_input, "output": usage.output}
+        key_label = self._key_label(ctx.key_label) if self.metrics_per_key else None
+        with self._lock:
+            totals = self._tokens.setdefault(ctx.provider, dict.fromkeys(counts, 0))
+            for kind, count in counts.items():
+                totals[kind] += count
+        for kind, count in counts.items():
+            if count:
+                metrics.tokens.labels(ctx.provider, model, kind).inc(count)
+                if key_label is not None:
+                    metrics.tokens_by_key.labels(key_label, kind).inc(count)
+
+    def _key_label(self, label: str) -> str:
+        """The anonymised key, or ``other`` once MAX_KEYS distinct keys have been counted."""
+        with self._lock:
+            if label in self._keys_seen or len(self._keys_seen) < MAX_KEYS:
+                self._keys_seen.add(label)
+                return label
+        return "other"
+
+    def tokens_since_start(self) -> dict[str, dict[str, int]]:
+        """Tokens per provider since this process started (the /health ``tokens`` object)."""
+        with self._lock:
+            return {provider: dict(totals) for provider, totals in self._tokens.items()}
+
     def _reportable(self, error: errors.RouterError) -> bool:
         if isinstance(error, errors.ClientError):
             return self.sentry_client_errors
@@ -196,6 +239,12 @@ class Reporter:
             else round(ctx.upstream_seconds * 1000, 1),
             "client_key": ctx.key_label,
             "error_type": error.error_type if error else None,
+            "model": ctx.model,
+            "input_tokens": ctx.usage.input if ctx.usage else None,
+            "output_tokens": ctx.usage.output if ctx.usage else None,
+            "ttfb_ms": None
+            if ctx.first_byte_seconds is None
+            else round(ctx.first_byte_seconds * 1000, 1),
         }
         access_log.log(
             level,

@@ -289,6 +289,13 @@ VARIABLES: tuple[Variable, ...] = (
         "counted in apirouter_sentry_events_suppressed_total (alerts are never capped).",
     ),
     Variable(
+        "APIROUTER_METRICS_PER_KEY",
+        "metrics_per_key",
+        _boolean,
+        "false",
+        "Also count tokens per client key (anonymised label, at most 1000 keys, then other).",
+    ),
+    Variable(
         "APIROUTER_ALERT_THRESHOLD",
         "alert_threshold",
         _positive_int,
@@ -357,6 +364,7 @@ class Settings:
     sentry_release: str
     sentry_client_errors: bool
     sentry_events_per_minute: int
+    metrics_per_key: bool
     alert_threshold: int
     alert_window_seconds: float
     alert_throttle_seconds: float

@@ -144,6 +144,7 @@ def request_tags(ctx: RequestContext) -> dict[str, str]:
         "upstream_host": ctx.upstream_host or "none",
         "upstream": ctx.target.upstream.name if ctx.target else "none",
         "attempts": str(len(ctx.attempts) + (1 if ctx.target else 0)),
+        "model": ctx.model or "other",
         "client_key": ctx.key_label,
     }
 
