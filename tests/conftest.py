@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import RedisServer, Router, free_port, serving, write_config
 from pytest_httpserver import HTTPServer
-from support import Ingest, RedisServer, Router, free_port, serving, write_config
+from sentry_wire import Ingest
 
 from apirouter import logs, tracking
 from apirouter.app import App

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from support import FakeClock, run_concurrently
+from clocks import FakeClock, run_concurrently
 
 from apirouter.alerting import REPEATED_FAILURES, Failure, FailureTracker
 

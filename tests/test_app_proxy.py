@@ -8,7 +8,7 @@ import threading
 
 import httpx
 import pytest
-from support import wait_until
+from clocks import wait_until
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, chat_stream, sse_response
 from werkzeug import Request, Response
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from support import wait_until
+from clocks import wait_until
 from upstream_fakes import chat_chunk, sse_response
 
 from apirouter.capacity import CapacityGate, readiness

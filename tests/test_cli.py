@@ -12,7 +12,9 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from support import DSN_SECRET, wait_until, write_config
+from clocks import wait_until
+from harness import write_config
+from sentry_wire import DSN_SECRET
 from typer.testing import CliRunner
 
 from apirouter import __version__

@@ -8,7 +8,7 @@ import os
 
 import httpx
 import pytest
-from support import write_config
+from harness import write_config
 from upstream_fakes import CHAT_COMPLETION
 from werkzeug import Request, Response
 

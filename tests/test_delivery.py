@@ -16,15 +16,9 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 import sentry_sdk
-from support import (
-    DSN_SECRET,
-    SECRET_CLIENT_KEY,
-    SECRET_DEFAULT_KEY,
-    Envelope,
-    FakeClock,
-    decode_envelope,
-    wait_until,
-)
+from clocks import FakeClock, wait_until
+from harness import SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY
+from sentry_wire import DSN_SECRET, Envelope, decode_envelope
 
 from apirouter import delivery, tracking
 from apirouter.alerting import Alert, Recovery

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import write_config
+from harness import write_config
 
 from apirouter import diagnostics
 from apirouter.config import DEFAULT_PROVIDER, parse

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from support import doc_blocks, run_bash
+from harness import doc_blocks, run_bash
 
 from apirouter.config import load, shipped_providers
 from apirouter.metrics import Metrics

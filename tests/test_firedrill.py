@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from support import DSN_SECRET
+from sentry_wire import DSN_SECRET
 
 from apirouter import firedrill
 from apirouter.diagnostics import UsageError

@@ -20,8 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
+from clocks import wait_until
+from harness import RedisServer, free_port, write_config
 from prometheus_client.parser import text_string_to_metric_families
-from support import Ingest, RedisServer, free_port, wait_until, write_config
+from sentry_wire import Ingest
 
 from apirouter.alerting import RECOVERED, REPEATED_FAILURES
 from apirouter.tracking import REDIS_RECOVERED, REDIS_UNAVAILABLE

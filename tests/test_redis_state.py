@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from support import FakeClock, run_concurrently
+from clocks import FakeClock, run_concurrently
 
 from apirouter.alerting import Failure, FailureTracker
 from apirouter.config import RateLimit

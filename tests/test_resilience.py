@@ -11,7 +11,8 @@ import json
 
 import httpx
 import pytest
-from support import FakeClock, write_config
+from clocks import FakeClock
+from harness import write_config
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, sse_response
 from werkzeug import Request, Response
 

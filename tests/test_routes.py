@@ -9,7 +9,7 @@ import re
 
 import httpx
 import pytest
-from support import write_config
+from harness import write_config
 from werkzeug import Request, Response
 
 from apirouter import diagnostics

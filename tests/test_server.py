@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from support import wait_until
+from clocks import wait_until
 from upstream_fakes import chat_stream, sse_response
 
 from apirouter import server

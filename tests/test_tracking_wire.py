@@ -10,7 +10,9 @@ import threading
 
 import httpx
 import sentry_sdk
-from support import DSN_SECRET, SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY, wait_until
+from clocks import wait_until
+from harness import SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY
+from sentry_wire import DSN_SECRET
 from werkzeug import Request, Response
 
 from apirouter.firedrill import refused_base_url

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import doc_blocks, run_bash, wait_until
+from clocks import wait_until
+from harness import doc_blocks, run_bash
 from werkzeug import Request, Response
 
 from apirouter.firedrill import refused_base_url

@@ -15,8 +15,8 @@ from itertools import count
 
 import httpx
 import pytest
+from clocks import wait_until
 from prometheus_client.parser import text_string_to_metric_families
-from support import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from support import wait_until
+from clocks import wait_until
 
 pytestmark = pytest.mark.load
 
