@@ -144,6 +144,7 @@ class RequestTrace:
         """Make an error event captured on ``scope`` part of this request's trace, under the
         span of the attempt that failed."""
         scope.span = self._span or self.transaction
+        scope.set_transaction_name(self.transaction.name, TransactionSource.ROUTE)
 
     def finish(self, ctx: RequestContext, outcome: Outcome) -> None:
         """Close the last span and send the transaction (if sampled). Runs once, on whatever
