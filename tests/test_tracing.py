@@ -5,6 +5,7 @@ upstream saw."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -311,3 +312,26 @@ def test_trace_headers_reach_only_listed_hosts(
     assert sampled == "1"
     assert f"sentry-trace_id={trace_id}" in headers["baggage"]
     assert DSN_SECRET not in headers["baggage"]
+
+
+def test_transactions_never_crowd_error_events_out_of_the_queue(sentry, ingest):
+    """The SDK's queue holds 1,000 envelopes. With its worker held up, 800 transactions
+    then 400 error events arrive: transactions get half the queue, every event still fits."""
+    import sentry_sdk
+
+    from apirouter import delivery
+
+    release = threading.Event()
+    ingest.answer = lambda envelope: (release.wait(10), (200, None))[1]
+    sentry(sentry_traces_sample_rate=1.0)
+    for n in range(800):
+        sentry_sdk.start_transaction(name=f"t{n}").finish()
+    for n in range(400):
+        sentry_sdk.capture_message(f"event {n}")
+    release.set()
+    tracking.flush(timeout=30)
+    current = delivery.current_report()
+    assert current is not None and current.dropped["queue_full"] == 0
+    wait_until(lambda: len(ingest.events) == 400, 30)
+    sent = [h for e in ingest.envelopes for h, _ in e.items if h.get("type") == "transaction"]
+    assert len(sent) == 500
