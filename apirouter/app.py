@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 import httpx
 
-from apirouter import __version__, errors, inbound, routes
+from apirouter import __version__, errors, inbound, routes, traces
 from apirouter.attempts import Attempts, Sent
 from apirouter.capacity import build_gate, readiness
 from apirouter.config import (
@@ -86,6 +86,7 @@ class App:
         self.clock = clock
         self.started = clock()
         self.reporter = Reporter(settings, tracking_enabled=tracking_enabled, clock=clock)
+        self.tracer = traces.tracer(settings, tracking_enabled)  # None: tracing is off
         self.store = ConfigStore(config, config_path, on_reload=self.reporter.config_reloaded)
         self.upstream = upstream or Upstream(settings.connect_timeout, settings.read_timeout)
         self.limiter = self.reporter.state.limiter  # in-process, or Redis in fleet mode
@@ -120,6 +121,8 @@ class App:
             start=self.clock(),
         )
         self.reporter.begin()
+        if self.tracer is not None and match is not None:  # proxied requests only
+            ctx.trace = self.tracer.begin(ctx)
         try:
             response = self._dispatch(request, ctx, config, match)
         except errors.RouterError as error:

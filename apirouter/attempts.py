@@ -164,6 +164,8 @@ class Attempts:
             ctx.request_id,
             body.content_type,
         )
+        if ctx.trace is not None:  # a span per attempt; trace headers for listed hosts
+            ctx.trace.attempt_started(target, plan.request.method, url, headers)
         ctx.upstream_url = url.partition("?")[0]
         ctx.upstream_status = None
         sent_at = self.clock()
@@ -223,6 +225,8 @@ class Attempts:
             }
         )
         self.reporter.attempt_retried(plan.ctx, target, error, status, reason or "5xx")
+        if plan.ctx.trace is not None:
+            plan.ctx.trace.attempt_ended(plan.ctx.upstream_status, error)
 
 
 def _reason(error: errors.UpstreamFailure) -> str | None:

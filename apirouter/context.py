@@ -13,6 +13,7 @@ from apirouter.errors import RouterError
 
 if TYPE_CHECKING:
     from apirouter.breakers import Target
+    from apirouter.traces import RequestTrace
     from apirouter.usage import Usage
 
 
@@ -35,6 +36,7 @@ class RequestContext:
     first_byte_seconds: float | None = None  # request sent -> first body byte
     stream_seconds: float | None = None  # first byte -> last byte, for SSE streams
     usage: Usage | None = None  # tokens read from the answer; None: unknown
+    trace: RequestTrace | None = None  # Sentry transaction, only when this request is traced
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ Three jobs, each one class:
   envelopes holding an alert go to the ``AlertSender``; every error event the SDK loses is
   counted by reason (``queue_full``, ``rate_limited``, ``rejected``, ``network``). Deliberate
   drops (the log-line echoes discarded in ``before_send``, sampling, transactions) are not.
+  Transactions (opt-in tracing) may fill at most half of the SDK's queue: at a high trace
+  sample rate they would otherwise crowd out the error events the queue exists for. Those
+  turned away are reported to Sentry as ``queue_overflow`` in the SDK's client reports.
 
 Alerts still pass through the SDK's event processing (scrubbing, ``before_send``, release,
 environment): the split happens only at the transport, after the envelope is built.
@@ -298,6 +301,10 @@ def _events_in(envelope: Envelope | None) -> int:
     return sum(1 for item in envelope.items if item.data_category == "error")
 
 
+def _is_transaction(envelope: Envelope) -> bool:
+    return any(item.data_category == "transaction" for item in envelope.items)
+
+
 class RouterTransport(HttpTransport):
     """The SDK's HTTP transport, with alerts on their own path and every lost event counted."""
 
@@ -307,6 +314,8 @@ class RouterTransport(HttpTransport):
         assert self.parsed_dsn is not None
         self._alerts = AlertSender(self.parsed_dsn, delivery.stats, delivery.retry, delivery.clock)
         self._queued = 0  # error events handed to the SDK's worker and not yet done
+        self._queued_transactions = 0  # transaction envelopes, likewise
+        self._transaction_room = max(1, int(options["transport_queue_size"]) // 2)
         self._queued_lock = threading.Lock()
 
     # --- routing ------------------------------------------------------------------------
@@ -316,7 +325,10 @@ class RouterTransport(HttpTransport):
             self._alerts.submit(envelope)
             return
         events = _events_in(envelope)
-        self._count_queued(events)
+        traced = 0 if events else int(_is_transaction(envelope))
+        if not self._count_queued(events, traced):
+            self._overflowed(envelope)  # a transaction, with half the queue already theirs
+            return
 
         def send() -> None:
             try:
@@ -324,17 +336,26 @@ class RouterTransport(HttpTransport):
                     self._send_envelope(envelope)
                     self._flush_client_reports()
             finally:
-                self._count_queued(-events)
+                self._count_queued(-events, -traced)
 
         if not self._worker.submit(send):
-            self._count_queued(-events)
-            self.on_dropped_event("full_queue")
-            for item in envelope.items:
-                self.record_lost_event("queue_overflow", item=item)
+            self._count_queued(-events, -traced)
+            self._overflowed(envelope)
 
-    def _count_queued(self, delta: int) -> None:
+    def _count_queued(self, events: int, transactions: int = 0) -> bool:
+        """Count envelopes in and out of the worker's queue; ``False`` (and nothing
+        counted) for a transaction beyond its share of the queue."""
         with self._queued_lock:
-            self._queued += delta
+            if transactions > 0 and self._queued_transactions >= self._transaction_room:
+                return False
+            self._queued += events
+            self._queued_transactions += transactions
+            return True
+
+    def _overflowed(self, envelope: Envelope) -> None:
+        self.on_dropped_event("full_queue")
+        for item in envelope.items:
+            self.record_lost_event("queue_overflow", item=item)
 
     # --- counting -----------------------------------------------------------------------
 

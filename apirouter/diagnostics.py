@@ -399,9 +399,11 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
         return {}
     sentry = f"off (SENTRY_DSN is {'empty' if 'SENTRY_DSN' in env else 'not set'})"
     if settings.sentry_dsn:
+        traces = settings.sentry_traces_sample_rate
         sentry = (
             f"on: {masked_dsn(settings.sentry_dsn)} (environment "
-            f"{settings.sentry_environment}, sample rate {settings.sentry_sample_rate:g})"
+            f"{settings.sentry_environment}, sample rate {settings.sentry_sample_rate:g}"
+            f"{f', traces sample rate {traces:g}' if traces else ''})"
         )
     return {
         "sentry": sentry,

@@ -79,6 +79,8 @@ class Reporter:
             self._record(ctx, outcome)
         except Exception:
             log.exception("failed to record the outcome of request %s", ctx.request_id)
+        if ctx.trace is not None:  # after _record: its error event links to the open span
+            ctx.trace.finish(ctx, outcome)
 
     def _record(self, ctx: RequestContext, outcome: Outcome) -> None:
         elapsed = self.clock() - ctx.start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -131,6 +132,18 @@ def _redis_prefix(value: str) -> str:
 
 def _key_list(value: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in value.split(",") if key.strip())
+
+
+def _host_patterns(value: str) -> tuple[str, ...]:
+    """Comma-separated host names or regular expressions, each checked to compile here so
+    a typo stops start-up instead of silently never matching."""
+    patterns = _key_list(value)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+    return patterns
 
 
 @dataclass(frozen=True)
@@ -264,6 +277,22 @@ VARIABLES: tuple[Variable, ...] = (
         "Fraction of error events sent, 0.0-1.0 (alerts are never sampled).",
     ),
     Variable(
+        "SENTRY_TRACES_SAMPLE_RATE",
+        "sentry_traces_sample_rate",
+        _fraction,
+        "0",
+        "Fraction of proxied requests traced for Sentry performance monitoring, 0.0-1.0; "
+        "0 = off (no transactions, no cost).",
+    ),
+    Variable(
+        "SENTRY_TRACE_PROPAGATION_TARGETS",
+        "sentry_trace_propagation_targets",
+        _host_patterns,
+        "",
+        "Comma-separated upstream hosts (or regular expressions matching the whole host) "
+        "that receive sentry-trace/baggage headers on traced requests; empty = none ever do.",
+    ),
+    Variable(
         "SENTRY_ENVIRONMENT", "sentry_environment", _text, "production", "Sentry environment name."
     ),
     Variable(
@@ -360,6 +389,8 @@ class Settings:
     shutdown_grace: float
     sentry_dsn: str | None
     sentry_sample_rate: float
+    sentry_traces_sample_rate: float
+    sentry_trace_propagation_targets: tuple[str, ...]
     sentry_environment: str
     sentry_release: str
     sentry_client_errors: bool

@@ -49,6 +49,7 @@ _SECRET_KEY = re.compile(
     re.IGNORECASE,
 )
 _SECRET_VALUE = re.compile(r"^(bearer|basic)\s+\S+|^sk-[A-Za-z0-9_-]{8,}", re.IGNORECASE)
+_USAGE_KEY = re.compile(r"gen_ai\.usage\.[a-z_.]+\Z")
 _EXTRA_DENYLIST = ["x-api-key", "api-key", "api_key", "apikey", "x_api_key", "proxy-authorization"]
 
 
@@ -101,11 +102,18 @@ def init(
         integrations=[LoggingIntegration(level=None, event_level=logging.ERROR)],
         # sys.argv may hold a DSN (test-alert --dsn) or a config path: never attach it.
         disabled_integrations=[ArgvIntegration()],
+        # Trace headers go only where traces.py decides (SENTRY_TRACE_PROPAGATION_TARGETS).
         trace_propagation_targets=[],
-        traces_sample_rate=None,
+        # 0 = off: None keeps the SDK's tracing disabled altogether, not merely sampled at 0.
+        traces_sample_rate=settings.sentry_traces_sample_rate or None,
+        before_send_transaction=before_send_transaction,
         transport_queue_size=1000,
         transport=transport,
     )
+    # The SDK's logger sits at DEBUG and a filter drops every record unless ``debug`` is on:
+    # building those records cost a fifth of an unsampled request's tracing. Same output.
+    sdk_log = logging.getLogger("sentry_sdk.errors")
+    sdk_log.setLevel(logging.DEBUG if sentry_sdk.get_client().options["debug"] else logging.WARNING)
     return True
 
 
@@ -121,15 +129,25 @@ def before_send(event: Event, hint: Hint) -> Event | None:
     return scrubbed
 
 
-def _scrub(value: Any) -> Any:
-    """Replace every value whose key or content looks like a secret, at any depth."""
+def before_send_transaction(event: Event, hint: Hint) -> Event:
+    """Transactions carry no bodies or headers; scrub them anyway, like every event. Token
+    counts (``gen_ai.usage.input_tokens``...) are what they are for: their names stay."""
+    scrubbed: Event = _scrub(event, _USAGE_KEY)
+    return scrubbed
+
+
+def _scrub(value: Any, keep: re.Pattern[str] | None = None) -> Any:
+    """Replace every value whose key or content looks like a secret, at any depth; keys
+    that ``keep`` matches are judged by their values only."""
     if isinstance(value, dict):
         return {
-            k: FILTERED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v)
+            k: FILTERED
+            if isinstance(k, str) and _SECRET_KEY.search(k) and not (keep and keep.match(k))
+            else _scrub(v, keep)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_scrub(v) for v in value]
+        return [_scrub(v, keep) for v in value]
     if isinstance(value, str) and _SECRET_VALUE.search(value):
         return FILTERED
     return value
@@ -168,6 +186,8 @@ def capture_failure(ctx: RequestContext, error: RouterError, status: int) -> str
     if suppressed_before is None:
         return None
     with sentry_sdk.isolation_scope() as scope:
+        if ctx.trace is not None:  # same trace id as the request's transaction
+            ctx.trace.link(scope)
         scope.set_tags(request_tags(ctx))
         scope.set_tag("error_type", error.error_type)
         if suppressed_before:

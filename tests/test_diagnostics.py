@@ -71,6 +71,16 @@ def test_sentry_fact_says_not_set_or_empty(env, words):
     assert report.facts["sentry"] == words
 
 
+def test_sentry_fact_names_the_traces_sample_rate_only_when_tracing_is_on():
+    dsn = "https://public@o1.ingest.sentry.io/2"
+    off = diagnostics.check(["qwen"], all_shipped=False, env={"SENTRY_DSN": dsn})
+    assert "traces" not in off.facts["sentry"]
+    on = diagnostics.check(
+        ["qwen"], all_shipped=False, env={"SENTRY_DSN": dsn, "SENTRY_TRACES_SAMPLE_RATE": "0.1"}
+    )
+    assert on.facts["sentry"].endswith("sample rate 1, traces sample rate 0.1)")
+
+
 def test_a_missing_file_is_a_usage_error_that_says_how_to_start_one():
     with pytest.raises(UsageError) as info:
         diagnostics.require_target("/nope/provider.json")

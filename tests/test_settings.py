@@ -12,6 +12,8 @@ def test_defaults():
     settings = Settings.from_env({})
     assert settings.sentry_dsn is None
     assert settings.sentry_sample_rate == 1.0
+    assert settings.sentry_traces_sample_rate == 0.0  # tracing is opt-in
+    assert settings.sentry_trace_propagation_targets == ()  # no trace headers upstream
     assert settings.sentry_environment == "production"
     assert settings.sentry_release == f"apirouter@{__version__}"
     assert (
@@ -31,6 +33,9 @@ def test_defaults():
         ("SENTRY_SAMPLE_RATE", "NaN", "from 0.0 to 1.0"),
         ("SENTRY_SAMPLE_RATE", "1.5", "from 0.0 to 1.0"),
         ("SENTRY_SAMPLE_RATE", "-0.1", "from 0.0 to 1.0"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "1.5", "from 0.0 to 1.0"),
+        ("SENTRY_TRACES_SAMPLE_RATE", "yes", "from 0.0 to 1.0"),
+        ("SENTRY_TRACE_PROPAGATION_TARGETS", "api.example.com, (unclosed", "'(unclosed'"),
         ("SENTRY_DSN", "not-a-dsn", "a DSN looks like https://PUBLIC_KEY@"),
         ("SENTRY_DSN", "https://sentry.example.com/1", "a DSN looks like https://PUBLIC_KEY@"),
         ("APIROUTER_ALERT_THRESHOLD", "-3", "at least 1"),
@@ -99,6 +104,13 @@ def test_a_bad_dsn_says_what_a_dsn_looks_like_not_what_the_sdk_says():
     [(_, message)] = info.value.problems
     assert "Unsupported scheme" not in message  # sentry_sdk's BadDsn wording
     assert "Project Settings > Client Keys" in message
+
+
+def test_trace_propagation_targets_are_a_trimmed_list():
+    settings = Settings.from_env(
+        {"SENTRY_TRACE_PROPAGATION_TARGETS": " vllm.internal , .*\\.corp\\.example ,"}
+    )
+    assert settings.sentry_trace_propagation_targets == ("vllm.internal", ".*\\.corp\\.example")
 
 
 def test_log_level_is_case_insensitive():
