@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from support import DSN_SECRET, SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY, Ingest, wait_until
+from clocks import wait_until
+from harness import SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY
+from sentry_wire import DSN_SECRET, Ingest
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, sse_response
 from werkzeug import Request, Response
 
@@ -124,11 +126,6 @@ def test_a_sampled_chat_request_is_one_transaction_with_its_upstream_span(
     assert_nothing_private(ingest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the relay to fill ctx.model and ctx.usage (issue 14, usage work, not yet "
-    "merged): when this XPASSes, delete this marker",
-)
 def test_a_sampled_chat_request_carries_the_mapped_model_and_the_usage(
     sentry, make_router, httpserver, ingest
 ):
