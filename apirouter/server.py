@@ -200,6 +200,20 @@ class GuardedChannel(RouterChannel):
             if self.total_outbufs_len:
                 self.server.pull_trigger()
 
+    def _flush_outbufs_below_high_watermark(self) -> None:
+        """Wait (a worker, in ``write_soon``) until the unsent bytes fall below the
+        watermark; the main loop must see the socket as writable meanwhile.
+
+        It is the main loop that drains the buffer and wakes the waiting worker: were
+        ``worker_writing`` left set, it would never poll the socket, and a response larger
+        than the watermark plus the socket buffers would hang for good.
+        """
+        self.worker_writing = False
+        try:
+            super()._flush_outbufs_below_high_watermark()
+        finally:
+            self.worker_writing = True
+
     def writable(self) -> bool:
         return not self.worker_writing and super().writable()
 
