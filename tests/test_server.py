@@ -219,3 +219,16 @@ def test_a_response_larger_than_the_output_watermark_is_not_left_hanging():
     finally:
         server.close_server(http_server)
         thread.join(timeout=5)
+
+
+def test_waitress_body_limit_stays_above_every_route_limit(tmp_path):
+    from apirouter.config import load_file
+
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"name": "p", "baseUrl": "http://127.0.0.1:9/v1",'
+        ' "endpoints": {"/v1/files": {"maxBodyBytes": 900000000}}}'
+    )
+    config = load_file(path)
+    assert server.body_backstop(32 * 1024 * 1024, config) == 900_000_000 * 2 + 1024 * 1024
+    assert server.body_backstop(2_000_000_000, config) == 4_000_000_000 + 1024 * 1024
