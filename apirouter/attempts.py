@@ -6,10 +6,11 @@ What may be retried, and only before the client has received a byte:
   routes, where a duplicate costs tokens but creates no object;
 - an upstream 5xx or 429, when ``retryOn`` names it and the answer is not an SSE stream.
 
-Never retried: bodies over 1 MiB (not held whole), stateful routes (files, batches,
-``responses/{id}``, bodies naming a ``previous_response_id``: the object lives with one
-account, so they stay on the provider's first upstream and never fall back), and anything
-once the answer started to flow. Each retry goes to another upstream when one is healthy;
+Never retried: bodies over 1 MiB (streamed upstream as they arrive, never held whole, so
+there is nothing to send again), stateful routes (files, batches, ``responses/{id}``,
+bodies naming a ``previous_response_id``: the object lives with one account, so they stay
+on the provider's first upstream and never fall back), and anything once the answer
+started to flow. Each retry goes to another upstream when one is healthy;
 a 429 parks its upstream until ``Retry-After``; the retry budget caps the time spent.
 """
 
@@ -164,6 +165,8 @@ class Attempts:
             ctx.request_id,
             body.content_type,
         )
+        if body.length is not None:  # a streamed body keeps a fixed length upstream
+            headers["content-length"] = str(body.length)
         if ctx.trace is not None:  # a span per attempt; trace headers for listed hosts
             ctx.trace.attempt_started(target, plan.request.method, url, headers)
         ctx.upstream_url = url.partition("?")[0]
@@ -174,7 +177,7 @@ class Attempts:
                 plan.request.method,
                 url,
                 headers,
-                body.data,
+                body.content(),
                 first_byte_timeout=target.provider.retry.first_byte_timeout_secs,
             )
         finally:

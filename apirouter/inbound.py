@@ -12,10 +12,11 @@ silently dropped ``tools``, ``response_format`` and multimodal content; we never
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,22 +30,43 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Bodies up to this size are read whole and may be sent again by a retry; a larger body
 # is never sent twice.
 REPLAYABLE_BYTES = 1024 * 1024
+# A streamed body goes upstream in pieces of this size: memory per upload stays at the
+# first MiB plus one piece, while 100 MB still takes only ~1,600 socket writes.
+CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Body:
     """A request body after validation: the bytes to send, whether it asks to stream, and
-    the Content-Type the upstream must see (None: no body, send none)."""
+    the Content-Type the upstream must see (None: no body, send none).
+
+    A body over ``REPLAYABLE_BYTES`` on a multipart route is *streamed*: ``data`` is only
+    its first MiB (model mapped), ``rest`` yields the remainder from the client's input as
+    it is sent upstream, and ``length`` is the total the upstream receives when the client
+    declared one (None: sent chunked). It can be sent once only.
+    """
 
     data: bytes
     stream: bool
     content_type: str | None = JSON
     pinned: bool = False  # names an object that lives with one account (previous_response_id)
     model: str | None = None  # the upstream model when modelMapping chose it (a safe label)
+    rest: Iterable[bytes] | None = field(default=None, repr=False)
+    length: int | None = None
 
     @property
     def replayable(self) -> bool:
-        return len(self.data) <= REPLAYABLE_BYTES
+        return self.rest is None and len(self.data) <= REPLAYABLE_BYTES
+
+    @property
+    def streamed(self) -> bool:
+        return self.rest is not None
+
+    def content(self) -> bytes | Iterator[bytes]:
+        """What the HTTP client sends: the bytes, or for a streamed body its pieces."""
+        if self.rest is None:
+            return self.data
+        return itertools.chain((self.data,), self.rest)
 
 
 EMPTY = Body(b"", False, None)
@@ -63,19 +85,39 @@ class Inbound:
     request_id: str
     environ: Mapping[str, Any]
     _raw: bytes | None = field(default=None, repr=False)
+    _streamed: Body | None = field(default=None, repr=False)
 
     def read_body(self, endpoint: Endpoint, mapping: Mapping[str, str], limit: int) -> Body:
         """Read and validate the body this endpoint expects, mapping its ``model``.
 
         GET, DELETE and HEAD carry no body. A POST without one (``/cancel``) is accepted
-        where the route needs no ``model``. ``limit`` applies unless the route sets its own.
+        where the route needs no ``model``. ``limit`` applies unless the route sets its own;
+        it is checked against the declared Content-Length before a byte is read.
+
+        JSON bodies are read whole (the model is found and mapped anywhere inside them).
+        Multipart bodies over ``REPLAYABLE_BYTES`` are streamed (see ``Body``): their model
+        is mapped once, for the provider first asked, and such a body is never sent twice,
+        so a fallback provider never gets to remap it.
         """
         if self.method in ("GET", "DELETE", "HEAD"):
             return EMPTY
+        if self._streamed is not None:
+            return self._streamed
         content_type = self.headers.get("content-type", "")
         media_type = content_type.partition(";")[0].strip().lower()
+        limit = endpoint.max_body_bytes or limit
+        if self._raw is None and endpoint.requires_multipart:
+            incoming = open_body(self.environ, limit)
+            if incoming.rest is not None:
+                if media_type != "multipart/form-data":
+                    raise _wrong_media_type(endpoint, "multipart/form-data", media_type)
+                self._streamed = multipart_stream(
+                    incoming, content_type, mapping, required=endpoint.requires_model
+                )
+                return self._streamed
+            self._raw = incoming.head
         if self._raw is None:  # read once; a fallback provider maps the same bytes anew
-            self._raw = read_limited(self.environ, endpoint.max_body_bytes or limit)
+            self._raw = read_limited(self.environ, limit)
         raw = self._raw
         if not raw and not endpoint.requires_model:
             return EMPTY
@@ -133,21 +175,97 @@ def request_id(supplied: str | None) -> str:
 
 def read_limited(environ: Mapping[str, Any], limit: int) -> bytes:
     """Read the body, refusing an oversized one before reading it."""
-    declared = environ.get("CONTENT_LENGTH") or ""
+    declared = declared_length(environ, limit)
     stream = environ["wsgi.input"]
-    if not declared:
+    if declared is None:
         data = stream.read(limit + 1) if environ.get("wsgi.input_terminated") else b""
-    elif not declared.isdigit():
+    else:
+        data = stream.read(declared)
+    if len(data) > limit:
+        raise _too_large(limit)
+    return bytes(data)
+
+
+def declared_length(environ: Mapping[str, Any], limit: int) -> int | None:
+    """The client's Content-Length (None: not sent), refused at once if over ``limit``."""
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if not declared:
+        return None
+    if not declared.isdigit():
         raise errors.BadRequest(f"Invalid Content-Length header {declared[:32]!r}.")
-    elif int(declared) > limit:
+    if int(declared) > limit:
         raise errors.PayloadTooLarge(
             f"Request body of {declared} bytes exceeds the limit of {limit} bytes."
         )
-    else:
-        data = stream.read(int(declared))
-    if len(data) > limit:
-        raise errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-    return bytes(data)
+    return int(declared)
+
+
+def _too_large(limit: int) -> errors.RouterError:
+    return errors.PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A body as opened by ``open_body``: ``head`` is the whole body, or (when ``rest`` is
+    not None) its first ``REPLAYABLE_BYTES`` + 1 bytes, the remainder still unread."""
+
+    head: bytes
+    rest: Iterator[bytes] | None = None
+    length: int | None = None  # declared by the client
+
+
+def open_body(environ: Mapping[str, Any], limit: int, chunk: int = CHUNK_BYTES) -> Incoming:
+    """Read a body whole if it is at most ``REPLAYABLE_BYTES``, else its head and a reader
+    for the rest, which enforces ``limit`` on a body of undeclared length as it goes."""
+    declared = declared_length(environ, limit)
+    stream = environ["wsgi.input"]
+    if declared is None and not environ.get("wsgi.input_terminated"):
+        return Incoming(b"")  # no length, no terminated input: WSGI says there is no body
+    wanted = REPLAYABLE_BYTES + 1 if declared is None else min(declared, REPLAYABLE_BYTES + 1)
+    head = _read_up_to(stream, wanted)
+    if len(head) > limit:
+        raise _too_large(limit)
+    if len(head) <= REPLAYABLE_BYTES:
+        return Incoming(head, None, declared)
+    remaining = None if declared is None else declared - len(head)
+    return Incoming(head, _remainder(stream, len(head), remaining, limit, chunk), declared)
+
+
+def _read_up_to(stream: Any, size: int) -> bytes:
+    """``size`` bytes, or fewer at the end of the input (one read may return less)."""
+    pieces, got = [], 0
+    while got < size:
+        piece = stream.read(size - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _remainder(
+    stream: Any, received: int, remaining: int | None, limit: int, chunk: int
+) -> Iterator[bytes]:
+    """The rest of a streamed body, piece by piece as the upstream client asks for it.
+
+    Raising here aborts the upstream request mid-body, so the upstream never sees a body
+    over the limit nor a truncated one complete. The client's response has not started
+    while its body is being sent, so it gets the 413 (or 400).
+    """
+    while remaining is None or remaining > 0:
+        piece = stream.read(chunk if remaining is None else min(chunk, remaining))
+        if not piece:
+            if remaining:
+                raise errors.BadRequest(
+                    f"Request body ended {remaining} bytes short of its Content-Length."
+                )
+            return
+        received += len(piece)
+        if received > limit:
+            raise _too_large(limit)
+        if remaining is not None:
+            remaining -= len(piece)
+        yield bytes(piece)
 
 
 def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.RouterError:
@@ -271,26 +389,67 @@ def multipart_body(
     raw: bytes, content_type: str, mapping: Mapping[str, str], *, required: bool = True
 ) -> Body:
     """Find the ``model`` form field of a multipart body and map it, byte-preserving."""
-    boundary = _boundary(content_type)
-    delimiter = b"--" + boundary.encode("latin-1")
+    delimiter = _delimiter(content_type)
     parts = raw.split(delimiter)
     if len(parts) < 3:
         raise errors.BadRequest("Multipart body does not contain the boundary from Content-Type.")
+    found, mapped = _map_model_part(parts, mapping)
+    if mapped:
+        return Body(delimiter.join(parts), False, content_type, model=mapped)
+    if found or not required:
+        return Body(raw, False, content_type)
+    raise errors.BadRequest("Multipart body is missing the required 'model' form field.")
+
+
+def multipart_stream(
+    incoming: Incoming, content_type: str, mapping: Mapping[str, str], *, required: bool = True
+) -> Body:
+    """A multipart body over 1 MiB, streamed: its ``model`` is mapped when that part lies
+    whole within the first MiB, and the rest passes untouched.
+
+    Clients send form fields before files (the openai SDK hands httpx ``data`` fields,
+    which httpx writes before ``files``), so the model is found there in practice. A
+    route that requires a model refuses a large body whose model comes later: mapping it
+    would mean holding the whole body. The declared length changes by the mapping's delta.
+    """
+    delimiter = _delimiter(content_type)
+    parts = incoming.head.split(delimiter)
+    if len(parts) < 2:
+        raise errors.BadRequest("Multipart body does not contain the boundary from Content-Type.")
+    whole = parts[:-1]  # the last part may continue past the head
+    found, mapped = _map_model_part(whole, mapping)
+    if not found and required:
+        raise errors.BadRequest(
+            f"Multipart body over {REPLAYABLE_BYTES} bytes must send its 'model' form field "
+            "before the file, within the first MiB."
+        )
+    head = delimiter.join([*whole, parts[-1]]) if mapped else incoming.head
+    length = incoming.length
+    if length is not None:
+        length += len(head) - len(incoming.head)
+    return Body(head, False, content_type, model=mapped, rest=incoming.rest, length=length)
+
+
+def _map_model_part(parts: list[bytes], mapping: Mapping[str, str]) -> tuple[bool, str | None]:
+    """Map the ``model`` part among ``parts`` in place: (a model was found, the upstream
+    model it was mapped to, if any)."""
     for index, part in enumerate(parts):
         head, separator, value = part.partition(b"\r\n\r\n")
         if not separator or not _MODEL_PART.search(head):
             continue
         model = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
         if not model:
-            break
+            return False, None
         target = mapping.get(model)
         if target is None:
-            return Body(raw, False, content_type)
+            return True, None
         parts[index] = head + separator + target.encode() + b"\r\n"
-        return Body(delimiter.join(parts), False, content_type, model=target)
-    if not required:
-        return Body(raw, False, content_type)
-    raise errors.BadRequest("Multipart body is missing the required 'model' form field.")
+        return True, target
+    return False, None
+
+
+def _delimiter(content_type: str) -> bytes:
+    return b"--" + _boundary(content_type).encode("latin-1")
 
 
 def _boundary(content_type: str) -> str:

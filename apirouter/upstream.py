@@ -59,13 +59,17 @@ class Upstream:
         method: str,
         url: str,
         headers: dict[str, str],
-        body: bytes,
+        body: bytes | Iterable[bytes],
         first_byte_timeout: float | None = None,
     ) -> httpx.Response:
         """Send a request and return the response with its body not yet read.
 
         ``first_byte_timeout`` bounds the wait for the response headers only: once they
         arrive, the body is read with the ordinary (long) read timeout.
+
+        A body given as pieces is sent as they come (never joined): with a
+        ``content-length`` in ``headers`` it goes with that fixed length, else chunked.
+        An exception raised by the pieces aborts the request and propagates unchanged.
         """
         host = httpx.URL(url).host
         timeout = self.client.timeout

@@ -184,3 +184,51 @@ def test_shutdown_turns_ready_to_503_while_a_stream_finishes(app_with_admin, htt
             wait_until(lambda: httpx.get(admin + "/health/ready").status_code == 503)
             release.set()
             assert b"".join(chunks) == b"data: [DONE]\n\n"  # the stream in flight finished
+
+
+def test_a_response_larger_than_the_output_watermark_is_not_left_hanging():
+    """A worker that must wait for the unsent bytes to drain below the watermark is woken
+    by the main loop, which must keep polling the socket meanwhile (it once did not: any
+    response written in pieces faster than the client read them hung for good)."""
+    piece, count = b"x" * 65536, 512
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(len(piece) * count))])
+        return (piece for _ in range(count))
+
+    http_server = server.build_server(
+        app, "127.0.0.1", 0, 2, 10, 30.0, lambda: None, outbuf_high_watermark=65536
+    )
+    port = int(http_server.effective_port)
+    thread = threading.Thread(target=http_server.run, daemon=True)
+    thread.start()
+    try:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a slow-ish reader
+        client.settimeout(10)
+        client.connect(("127.0.0.1", port))
+        connection = http.client.HTTPConnection("127.0.0.1", port)
+        connection.sock = client
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        received = 0
+        while chunk := response.read(65536):
+            received += len(chunk)
+        assert received == len(piece) * count
+        connection.close()
+    finally:
+        server.close_server(http_server)
+        thread.join(timeout=5)
+
+
+def test_waitress_body_limit_stays_above_every_route_limit(tmp_path):
+    from apirouter.config import load_file
+
+    path = tmp_path / "p.json"
+    path.write_text(
+        '{"name": "p", "baseUrl": "http://127.0.0.1:9/v1",'
+        ' "endpoints": {"/v1/files": {"maxBodyBytes": 900000000}}}'
+    )
+    config = load_file(path)
+    assert server.body_backstop(32 * 1024 * 1024, config) == 900_000_000 * 2 + 1024 * 1024
+    assert server.body_backstop(2_000_000_000, config) == 4_000_000_000 + 1024 * 1024
