@@ -151,6 +151,16 @@ def cpu_per_request(router: RouterProcess, total: int, connections: int, payload
     return (router.cpu() - before) / done
 
 
+def two_upstreams(config: Path) -> Path:
+    """The same upstream twice, as two weighted upstreams: the cost of choosing, none failing."""
+    document = json.loads(config.read_text())
+    base_url = document.pop("baseUrl")
+    document["upstreams"] = [{"name": "a", "baseUrl": base_url}, {"name": "b", "baseUrl": base_url}]
+    twin = config.with_name("two-upstreams.json")
+    twin.write_text(json.dumps(document))
+    return twin
+
+
 def cpu_round(config: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, ...]:
     """One round on a fresh router: CPU per plain request, per 20-event stream."""
     router = RouterProcess(config, env, args)
@@ -178,19 +188,23 @@ def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
 
 def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
     """Alternate this checkout with ``--baseline`` (another checkout's source) per round."""
-    variants: dict[str, tuple[dict[str, str], argparse.Namespace]] = {"this": ({}, args)}
+    Variant = tuple[dict[str, str], argparse.Namespace, Path]
+    variants: dict[str, Variant] = {"this": ({}, args, config)}
     if args.sentry:  # the upstream doubles as a Sentry ingest that accepts every envelope
         variants["this, Sentry on"] = (
             {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"},
             args,
+            config,
         )
+    if args.two_upstreams:
+        variants["this, two upstreams"] = ({}, args, two_upstreams(config))
     if args.baseline:
         old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
-        variants = {"baseline": ({"PYTHONPATH": args.baseline}, old), **variants}
+        variants = {"baseline": ({"PYTHONPATH": args.baseline}, old, config), **variants}
     rounds: dict[str, list] = {label: [] for label in variants}
     for _ in range(args.rounds):  # alternate, fresh router each: clocks and neighbours drift
-        for label, (env, variant_args) in variants.items():
-            rounds[label].append(cpu_round(config, env, variant_args))
+        for label, (env, variant_args, variant_config) in variants.items():
+            rounds[label].append(cpu_round(variant_config, env, variant_args))
     return [cpu_summary(label, results) for label, results in rounds.items()]
 
 
@@ -390,6 +404,9 @@ def main() -> None:
     parser.add_argument("--slowloris-seconds", type=int, default=10)
     parser.add_argument("--baseline", help="cpu mode: also run this apirouter source dir")
     parser.add_argument("--sentry", action="store_true", help="cpu mode: also with Sentry on")
+    parser.add_argument(
+        "--two-upstreams", action="store_true", help="cpu mode: also with two upstreams"
+    )
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
         "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"

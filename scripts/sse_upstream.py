@@ -25,8 +25,11 @@ CHAT = json.dumps(
         "choices": [
             {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
         ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
     }
 ).encode()
+# The final chunk of a stream asked with stream_options.include_usage, sent always.
+USAGE_CHUNK = b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 19}}\n\n'
 
 
 def chunk(data: bytes) -> bytes:
@@ -44,7 +47,7 @@ async def stream(writer: asyncio.StreamWriter, events: int, gap: float) -> None:
         writer.write(chunk(event % (i, time.monotonic())))
         await writer.drain()
     await asyncio.sleep(gap)
-    writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    writer.write(chunk(USAGE_CHUNK) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
