@@ -42,8 +42,9 @@ class Router:
 
 
 @contextmanager
-def serving(app: App, threads: int = 16) -> Iterator[str]:
-    """Run the app on the embedded server on a free loopback port."""
+def running(app: App, threads: int | None = 16) -> Iterator[tuple[Any, threading.Event]]:
+    """Run the app on the embedded server on a free loopback port; yield the server and
+    the event that stops it (a test may set it to watch the shutdown)."""
     http_server = server.make_server(app, "127.0.0.1", 0, threads)
     stopping = threading.Event()
     thread = threading.Thread(
@@ -51,10 +52,17 @@ def serving(app: App, threads: int = 16) -> Iterator[str]:
     )
     thread.start()
     try:
-        yield server.listen_urls(http_server)[0]
+        yield http_server, stopping
     finally:
         stopping.set()
         thread.join(timeout=15)
+
+
+@contextmanager
+def serving(app: App, threads: int = 16) -> Iterator[str]:
+    """Run the app on the embedded server on a free loopback port; yield its URL."""
+    with running(app, threads) as (http_server, _):
+        yield server.listen_urls(http_server)[0]
 
 
 def write_config(path: Path, document: dict[str, Any]) -> Path:

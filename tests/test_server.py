@@ -6,12 +6,11 @@ import http.client
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
 from clocks import wait_until
+from harness import running
 from upstream_fakes import chat_stream, sse_response
 
 from apirouter import server
@@ -109,21 +108,6 @@ def test_connection_stays_open_after_a_stream(router, httpserver):
     )
     assert connection.getresponse().getheader("Connection") == "close"
     connection.close()
-
-
-@contextmanager
-def running(app, threads: int | None = None) -> Iterator[tuple[object, threading.Event]]:
-    http_server = server.make_server(app, "127.0.0.1", 0, threads)
-    stopping = threading.Event()
-    thread = threading.Thread(
-        target=server.run, args=(http_server, app), kwargs={"stopping": stopping}, daemon=True
-    )
-    thread.start()
-    try:
-        yield http_server, stopping
-    finally:
-        stopping.set()
-        thread.join(timeout=15)
 
 
 @pytest.fixture
