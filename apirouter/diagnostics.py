@@ -397,7 +397,7 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
     """A summary an operator can read without any secret in it."""
     if settings is None:
         return {}
-    sentry = f"off (SENTRY_DSN is {'empty' if 'SENTRY_DSN' in env else 'not set'})"
+    sentry = f"off (SENTRY_DSN {_unset('SENTRY_DSN', env)})"
     if settings.sentry_dsn:
         traces = settings.sentry_traces_sample_rate
         sentry = (
@@ -417,13 +417,19 @@ def environment_facts(settings: Settings | None, env: Mapping[str, str]) -> dict
         else "none",
         "log_format": settings.log_format,
         "log_level": settings.log_level,
-        "redis": _redis_fact(settings),
+        "redis": _redis_fact(settings, env),
     }
 
 
-def _redis_fact(settings: Settings) -> str:
+def _unset(name: str, env: Mapping[str, str]) -> str:
+    """'is empty' and 'is not set' are different mistakes: say which one it is."""
+    return "is empty" if name in env else "is not set"
+
+
+def _redis_fact(settings: Settings, env: Mapping[str, str]) -> str:
     if not settings.redis_url:
-        return "off (APIROUTER_REDIS_URL is empty: limits and alerts are per process)"
+        unset = _unset("APIROUTER_REDIS_URL", env)
+        return f"off (APIROUTER_REDIS_URL {unset}: limits and alerts are per process)"
     return (
         f"on: {masked_redis_url(settings.redis_url)} (prefix {settings.redis_prefix}v1:, "
         f"timeout {settings.redis_timeout_ms} ms)"

@@ -40,10 +40,13 @@ def test_plain_redis_with_a_password_to_a_remote_host_is_a_warning():
     assert SECRET not in result.output
 
 
-def test_without_a_url_the_facts_say_per_process():
+def test_without_a_url_the_facts_say_per_process_and_whether_unset_or_empty():
     result = check_config()
     assert result.exit_code == 0, result.output
-    assert "redis: off (APIROUTER_REDIS_URL is empty" in result.output
+    assert "redis: off (APIROUTER_REDIS_URL is not set: limits and alerts are per process" in (
+        result.output
+    )
+    assert "APIROUTER_REDIS_URL is empty" in check_config(url="").output
 
 
 def test_connect_reports_version_and_latency(redis_url):
