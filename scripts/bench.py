@@ -22,6 +22,7 @@ process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
     python scripts/bench.py streams --streams 1000 --stream-seconds 20
     python scripts/bench.py slowloris --connections 1000
     python scripts/bench.py cpu --baseline /tmp/base   # alternate with another checkout
+    python scripts/bench.py cpu --redis                # rate limit in process vs in Redis
 
 Figures depend on the machine; compare runs on the same one. Not part of the test suite.
 """
@@ -161,6 +162,31 @@ def two_upstreams(config: Path) -> Path:
     return twin
 
 
+def start_redis(port: int) -> subprocess.Popen:
+    """A throwaway redis-server on the load generator's core: no persistence."""
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.sched_setaffinity(0, {1 % os.cpu_count()}),
+    )
+    wait_listening(port)
+    return process
+
+
+# A rate limit high enough never to refuse: what is measured is keeping it, not hitting it.
+LIMIT = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000", "RATE_LIMIT_BURST": "100000000"}
+
+
 def cpu_round(config: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, ...]:
     """One round on a fresh router: CPU per plain request, per 20-event stream."""
     router = RouterProcess(config, env, args)
@@ -198,6 +224,14 @@ def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list
         )
     if args.two_upstreams:
         variants["this, two upstreams"] = ({}, args, two_upstreams(config))
+    if args.redis_port:
+        variants["this, rate limit in process"] = (LIMIT, args, config)
+        redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
+        variants["this, rate limit in Redis"] = (
+            {**LIMIT, "APIROUTER_REDIS_URL": redis_url},
+            args,
+            config,
+        )
     if args.baseline:
         old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
         variants = {"baseline": ({"PYTHONPATH": args.baseline}, old, config), **variants}
@@ -407,6 +441,11 @@ def main() -> None:
     parser.add_argument(
         "--two-upstreams", action="store_true", help="cpu mode: also with two upstreams"
     )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="cpu mode: also rate limiting in process vs in a local redis-server",
+    )
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
         "--router-arg", action="append", default=[], help="extra `apirouter serve` argument"
@@ -416,6 +455,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     os.sched_setaffinity(0, {1 % os.cpu_count()})  # the load generator's core
 
+    args.redis_port = free_port() if args.redis else None
+    redis = start_redis(args.redis_port) if args.redis_port else None
     upstream_port = free_port()
     upstream = subprocess.Popen([sys.executable, str(UPSTREAM), str(upstream_port)])
     wait_listening(upstream_port)
@@ -434,6 +475,9 @@ def main() -> None:
         finally:
             upstream.terminate()
             upstream.wait(timeout=10)
+            if redis is not None:
+                redis.terminate()
+                redis.wait(timeout=10)
     for result in results:
         print(json.dumps(result))
 
