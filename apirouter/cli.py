@@ -446,6 +446,18 @@ def _render_drill(report: firedrill.DrillReport) -> None:
             table.add_row(d.kind, d.level, d.event_id[:12], d.state or "-", d.answer)
     out.print("3. Delivery:")
     out.print(table)
+    if report.cooldown_served_by:
+        out.print(
+            f"4. Cooldown: the failing upstream was skipped; the next request went to "
+            f"{report.cooldown_served_by}",
+            soft_wrap=True,
+        )
+        notice = "raised" if report.recovery is not None else "[red]not raised[/red]"
+        out.print(
+            f"5. Recovery: healed, then probed after its cooldown; {report.probe_served_by} "
+            f"answered and the recovery notice was {notice}",
+            soft_wrap=True,
+        )
     _render_verdict(report)
 
 
@@ -455,9 +467,14 @@ def _render_verdict(report: firedrill.DrillReport) -> None:
             f"[red]FAILED[/red]: no alert was raised ({report.failures} failure(s); "
             f"the threshold is {report.threshold})."
         )
+    elif report.recovery is None:
+        out.print("[red]FAILED[/red]: the alert was raised but no recovery notice followed.")
     elif report.ok:
-        verdict = "would be sent" if report.dry_run else "was accepted by Sentry"
-        out.print(f"[green]SUCCESS[/green]: the alert {verdict}.", soft_wrap=True)
+        verdict = "would be sent" if report.dry_run else "were accepted by Sentry"
+        out.print(
+            f"[green]SUCCESS[/green]: the alert and the recovery notice {verdict}.",
+            soft_wrap=True,
+        )
     else:
         out.print("[red]FAILED[/red]: not every event was accepted (see above).")
     out.print(f"In Sentry, search: {report.search}", soft_wrap=True)

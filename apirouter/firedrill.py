@@ -18,13 +18,15 @@ telling an observer about each step so a terminal can show what is happening now
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -37,8 +39,9 @@ from sentry_sdk.transport import Transport
 from sentry_sdk.utils import Dsn
 
 from apirouter import tracking
-from apirouter.alerting import REPEATED_FAILURES
+from apirouter.alerting import RECOVERED, REPEATED_FAILURES
 from apirouter.app import App
+from apirouter.breakers import State
 from apirouter.config import PROVIDER_NAME, ConfigInvalid, ProviderConfig, load, parse
 from apirouter.delivery import state_for
 from apirouter.diagnostics import UsageError
@@ -89,7 +92,7 @@ class QuietObserver:
 class Delivery:
     """One event and what the Sentry server said about it."""
 
-    kind: str  # dsn-check | error | alert
+    kind: str  # dsn-check | error | alert | recovery
     event_id: str
     level: str
     tags: dict[str, str]
@@ -112,10 +115,18 @@ class DrillReport:
     deliveries: list[Delivery] = field(default_factory=list)
     search: str = ""
     link: str | None = None
+    # after the alert: the upstream was cooled down and the fallback served the next
+    # request (its X-Apirouter-Upstream), then one probe closed the breaker
+    cooldown_served_by: str | None = None
+    probe_served_by: str | None = None
 
     @property
     def alert(self) -> Delivery | None:
         return next((d for d in self.deliveries if d.kind == "alert"), None)
+
+    @property
+    def recovery(self) -> Delivery | None:
+        return next((d for d in self.deliveries if d.kind == "recovery"), None)
 
     @property
     def dsn_check(self) -> Delivery | None:
@@ -123,10 +134,12 @@ class DrillReport:
 
     @property
     def ok(self) -> bool:
-        """The alert was raised and (unless this is a dry run) every event was accepted."""
+        """The alert and the recovery were raised and (unless this is a dry run) every
+        event was accepted."""
+        raised = self.alert is not None and self.recovery is not None
         if self.dry_run:
-            return self.alert is not None
-        return self.alert is not None and all(d.accepted for d in self.deliveries)
+            return raised
+        return raised and all(d.accepted for d in self.deliveries)
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -150,7 +163,9 @@ class RecordingTransport(Transport):
         if event is None:
             return  # client reports, sessions: not what the drill is about
         tags: dict[str, str] = dict(event.get("tags") or {})
-        kind = "alert" if tags.get("alert_type") == REPEATED_FAILURES else "error"
+        kind = {REPEATED_FAILURES: "alert", RECOVERED: "recovery"}.get(
+            tags.get("alert_type", ""), "error"
+        )
         if tags.get("test_alert") == "dsn-check":
             kind = "dsn-check"
         delivery = Delivery(kind, event["event_id"], event.get("level", "error"), tags)
@@ -230,18 +245,20 @@ def refused_base_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-@contextmanager
-def failing_upstream(mode: str) -> Iterator[str]:
-    """A loopback upstream that refuses connections, or answers every request with 503."""
-    if mode == "refuse":
-        yield refused_base_url()
-        return
+OUTAGE = b'{"error": {"message": "synthetic outage (apirouter test-alert)"}}'
+ANSWER = b'{"id": "test-alert", "object": "chat.completion", "choices": []}'
 
-    class Unavailable(BaseHTTPRequestHandler):
+
+@contextmanager
+def _local_upstream(port: int, healthy: Callable[[], bool]) -> Iterator[str]:
+    """A loopback upstream answering 200 while ``healthy()``, else 503."""
+
+    class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = b'{"error": {"message": "synthetic outage (apirouter test-alert)"}}'
-            self.send_response(503)
+            ok = healthy()
+            body = ANSWER if ok else OUTAGE
+            self.send_response(200 if ok else 503)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -250,7 +267,7 @@ def failing_upstream(mode: str) -> Iterator[str]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -260,12 +277,38 @@ def failing_upstream(mode: str) -> Iterator[str]:
         server.server_close()
 
 
-def synthetic_config(provider: str, base_url: str) -> ProviderConfig:
-    """The shipped defaults (every route), pointed at the failing upstream."""
+@contextmanager
+def failing_upstream(mode: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A loopback upstream that refuses connections, or answers every request with 503,
+    and the function that heals it (answers 200 from then on)."""
+    with ExitStack() as stack:
+        if mode == "refuse":
+            base_url = refused_base_url()
+            port = int(base_url.rsplit(":", 1)[1].split("/")[0])
+
+            def listen_there() -> None:  # the refused port starts answering 200
+                stack.enter_context(_local_upstream(port, lambda: True))
+
+            yield base_url, listen_there
+            return
+        state = {"healthy": False}
+        base_url = stack.enter_context(_local_upstream(0, lambda: state["healthy"]))
+        yield base_url, functools.partial(state.__setitem__, "healthy", True)
+
+
+def synthetic_config(
+    provider: str, base_url: str, standby_url: str | None = None
+) -> ProviderConfig:
+    """The shipped defaults (every route), pointed at the failing upstream, with a local
+    standby as its fallback provider (so the drill can show a cooldown)."""
     # One synthetic request is one failure: no retries, so the alert comes after exactly
     # the threshold's worth of requests, as the report says.
     document = {"name": provider, "baseUrl": base_url, "retry": {"maxAttempts": 1}}
-    return parse(json.dumps(document), source="test-alert")
+    config = parse(json.dumps(document), source="test-alert")
+    if standby_url is None:
+        return config
+    standby = {"name": f"{provider}-standby", "baseUrl": standby_url}
+    return replace(config, fallbacks=(parse(json.dumps(standby), source="test-alert"),))
 
 
 def drill(
@@ -361,7 +404,14 @@ def run(
         _dsn_check(label)
         if dry_run or transport.deliveries[0].accepted:
             observer.firing(failures)
-            _fire(drill_settings, label, failures=failures, mode=mode, fired=observer.fired)
+            _fire(
+                drill_settings,
+                label,
+                report,
+                failures=failures,
+                mode=mode,
+                fired=observer.fired,
+            )
     finally:
         tracking.shutdown()
         sentry_sdk.get_global_scope().remove_tag("synthetic")
@@ -383,22 +433,51 @@ def _dsn_check(provider: str) -> None:
 
 
 def _fire(
-    settings: Settings, provider: str, *, failures: int, mode: str, fired: Callable[[], None]
+    settings: Settings,
+    provider: str,
+    report: DrillReport,
+    *,
+    failures: int,
+    mode: str,
+    fired: Callable[[], None],
 ) -> None:
-    with failing_upstream(mode) as base_url:
-        app = App(synthetic_config(provider, base_url), settings, tracking_enabled=True)
+    """The synthetic failures, then what the router does about them: the failing upstream
+    is cooled down (the standby fallback serves), and once it is healed and its cooldown
+    is over (on the drill's own clock, so nothing waits), one probe closes the breaker
+    and raises the recovery notice."""
+    now = [time.monotonic()]
+    with (
+        failing_upstream(mode) as (base_url, heal),
+        _local_upstream(0, lambda: True) as standby_url,
+    ):
+        config = synthetic_config(provider, base_url, standby_url)
+        app = App(config, settings, tracking_enabled=True, clock=lambda: now[0])
         client = httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://router")
         try:
             for _ in range(failures):
-                client.post(
-                    "/v1/chat/completions",
-                    json={"model": "test-alert", "messages": []},
-                    headers={"Authorization": f"Bearer {SYNTHETIC_KEY}"},
-                )
+                _synthetic_request(client)
                 fired()
+            key = f"{config.name}/{config.upstreams[0].name}"
+            if app.reporter.breakers.state(key) is not State.COOLING:
+                return  # no alert, no cooldown: nothing more to show
+            report.cooldown_served_by = _synthetic_request(client)
+            heal()
+            now[0] += config.cooldown.max_secs + 1
+            report.probe_served_by = _synthetic_request(client)
         finally:
             client.close()
             app.close()
+
+
+def _synthetic_request(client: httpx.Client) -> str | None:
+    """One chat request through the real app; who served it (X-Apirouter-Upstream)."""
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "test-alert", "messages": []},
+        headers={"Authorization": f"Bearer {SYNTHETIC_KEY}"},
+    )
+    served_by: str | None = response.headers.get("X-Apirouter-Upstream")
+    return served_by
 
 
 def _quiet_logs() -> Callable[[], None]:

@@ -175,7 +175,11 @@ def test_test_alert_accepted_end_to_end(ingest):
     report = json.loads(result.stdout)
     assert report["ok"] is True and report["exit_code"] == 0
     kinds = [d["kind"] for d in report["deliveries"]]
-    assert kinds == ["dsn-check"] + ["error"] * 5 + ["alert"]
+    assert kinds == ["dsn-check"] + ["error"] * 5 + ["alert", "recovery"]
+    # after the alert the failing upstream was cooled down and the standby fallback served;
+    # the probe after its cooldown went back to it, healed, and closed the breaker
+    assert report["cooldown_served_by"].startswith("drill-test-alert-standby/")
+    assert report["probe_served_by"].startswith("drill-test-alert/")
     assert all(d["accepted"] and d["status"] == 200 for d in report["deliveries"])
     assert {d["state"] for d in report["deliveries"]} == {"ok"}  # the words /health uses
     assert report["search"] == "alert_type:repeated_upstream_failures provider:drill-test-alert"
@@ -192,7 +196,9 @@ def test_test_alert_human_output_and_503_mode(ingest):
     result = invoke("test-alert", "--dsn", ingest.dsn, "--mode", "503", "--failures", "5")
     assert result.exit_code == 0, result.output
     assert "1. DSN check: accepted (event id" in result.output
-    assert "SUCCESS: the alert was accepted by Sentry." in result.output
+    assert "4. Cooldown: the failing upstream was skipped" in result.output
+    assert "the recovery notice was raised" in result.output
+    assert "SUCCESS: the alert and the recovery notice were accepted by Sentry." in result.output
     assert "provider:qwen-test-alert" in result.output
     errors = [e for e in ingest.events if e["tags"].get("error_type")]
     assert {e["tags"]["error_type"] for e in errors} == {"upstream_5xx"}
@@ -242,7 +248,8 @@ def test_test_alert_dry_run_opens_no_socket_to_the_dsn_host(ingest):
     assert ingest.envelopes == []
     assert ingest.server.port not in {a[1] for a in connections if isinstance(a, tuple)}
     report = json.loads(result.stdout)
-    assert report["dry_run"] is True and report["deliveries"][-1]["kind"] == "alert"
+    kinds = [d["kind"] for d in report["deliveries"]]
+    assert report["dry_run"] is True and kinds[-2:] == ["alert", "recovery"]
 
 
 @pytest.mark.parametrize(
@@ -350,7 +357,7 @@ def test_serve_with_a_dsn_says_so_with_the_secret_masked(ingest):
 def test_test_alert_as_subprocess_never_sends_the_dsn_secret(ingest):
     result = apirouter("test-alert", "--dsn", ingest.dsn)  # the DSN is in sys.argv here
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: the alert was accepted by Sentry." in result.stdout
+    assert "SUCCESS: the alert and the recovery notice were accepted by Sentry." in result.stdout
     assert DSN_SECRET.encode() not in ingest.raw_bytes()
     assert DSN_SECRET not in result.stdout + result.stderr
 
