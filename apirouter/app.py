@@ -164,6 +164,7 @@ class App:
         routes.check_segments(match.params)
         alias = match.params.get("model")
         if request.route == _MODELS + "/{model}" and unquote(alias or "") in config.model_mapping:
+            self._authorize(request.key)  # the same key /v1/models asks for
             return json_response(_model(unquote(alias or ""), config))
         # every proxied request takes a slot: 503 over_capacity at once when none is free
         if request.route == _MODELS:
@@ -198,7 +199,7 @@ class App:
             theirs = listed["data"] if upstream_response.status_code == 200 else []
             if not isinstance(theirs, list):
                 theirs = []
-        except (errors.UpstreamFailure, ValueError, KeyError, TypeError):
+        except (errors.UpstreamFailure, ValueError, KeyError, TypeError, RecursionError):
             theirs = []
         known = {alias["id"] for alias in aliases}
         data = aliases + [m for m in theirs if isinstance(m, dict) and m.get("id") not in known]

@@ -94,7 +94,11 @@ class Attempts:
         plan.pinned = match.endpoint.local_path.startswith(STATEFUL_PREFIXES)
         target = self._choose(plan)
         while True:
-            endpoint, body = self._prepare(plan, target)
+            try:
+                endpoint, body = self._prepare(plan, target)
+            except BaseException:  # refused before reaching it: give back a claimed probe
+                self.breakers.release(target.key)
+                raise
             plan.pinned = plan.pinned or body.pinned
             ctx.model = body.model
             try:
@@ -228,6 +232,8 @@ class Attempts:
             }
         )
         self.reporter.attempt_retried(plan.ctx, target, error, status, reason or "5xx")
+        # reported: finish must not record this attempt again if the next one never starts
+        plan.ctx.target, plan.ctx.upstream_status = None, None
         if plan.ctx.trace is not None:
             plan.ctx.trace.attempt_ended(plan.ctx.upstream_status, error)
 

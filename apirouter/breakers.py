@@ -167,6 +167,15 @@ class Breakers:
         with self._lock:
             return _close(breaker)
 
+    def release(self, key: str) -> None:
+        """A claimed probe that never reached the upstream (the request failed first):
+        the next request may probe at once, instead of after one more cooldown."""
+        with self._lock:
+            breaker = self._breakers.get(key)
+            if breaker is not None and breaker.state is State.PROBING:
+                breaker.state = State.COOLING
+                breaker.until = self._clock()
+
     def park(self, key: str, seconds: float) -> None:
         with self._lock:
             breaker = self._breakers.setdefault(key, _Breaker())

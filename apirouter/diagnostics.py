@@ -306,6 +306,7 @@ def _lint_redis(settings: Settings) -> list[Problem]:
 def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
     """Things in a valid config that work but are risky."""
     problems = _lint_document({"modelMapping": config.model_mapping})
+    problems += _lint_operator_keys(config, settings)
     for provider in (config, *config.fallbacks):
         where = "$" if provider is config else f"$.fallbacks[{provider.name}]"
         for upstream in provider.upstreams:
@@ -313,6 +314,24 @@ def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Probl
             problems += _lint_key_variable(upstream.api_key_env, where, settings)
         problems += _lint_literal_keys(provider, where)
     return problems
+
+
+def _lint_operator_keys(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
+    """An upstream with an operator key (apiKeyEnv) serves anyone who can reach apirouter
+    when no client keys are required: the open relay DEFAULT_API_KEY is warned about too."""
+    if settings is None or settings.client_keys:
+        return []
+    chain = (config, *config.fallbacks)
+    if not any(u.api_key_env for p in chain for u in p.upstreams):
+        return []
+    return [
+        warning(
+            "$.upstreams",
+            "open relay: upstreams with apiKeyEnv (fallbacks included) spend the operator's "
+            "key for anyone who can reach apirouter (no client keys are required)",
+            "set APIROUTER_CLIENT_KEYS, or keep apirouter on a private address",
+        )
+    ]
 
 
 def _lint_literal_keys(config: ProviderConfig, where: str) -> list[Problem]:

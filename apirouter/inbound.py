@@ -127,7 +127,9 @@ class Inbound:
             return multipart_body(raw, content_type, mapping, required=endpoint.requires_model)
         if media_type != JSON and not media_type.endswith("+json"):
             raise _wrong_media_type(endpoint, JSON, media_type)
-        ask_usage = endpoint.stream_config.include_usage and endpoint.local_path in USAGE_ROUTES
+        ask_usage = (
+            endpoint.stream_config.include_usage and endpoint.local_path in STREAM_OPTIONS_ROUTES
+        )
         return json_body(raw, mapping, required=endpoint.requires_model, ask_usage=ask_usage)
 
 
@@ -274,7 +276,7 @@ def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.Rou
     )
 
 
-USAGE_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
+STREAM_OPTIONS_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))
 _ASK_USAGE = '"stream_options": {"include_usage": true}, '
 
 

@@ -163,14 +163,16 @@ class Relay:
         if self._closed:
             return
         self._closed = True
-        watch_idle(self._response, 0.0, None)
-        self._response.close()
-        if self._slot is not None:
-            self._slot.release()
-        error = self._error
-        if error is None and not self._done:
-            error = ClientDisconnected("The client closed the connection during the response.")
-        self._on_close(error)
+        try:
+            watch_idle(self._response, 0.0, None)
+            self._response.close()
+        finally:  # whatever closing the upstream did, the slot and the outcome are given back
+            if self._slot is not None:
+                self._slot.release()
+            error = self._error
+            if error is None and not self._done:
+                error = ClientDisconnected("The client closed the connection during the response.")
+            self._on_close(error)
 
 
 def _cut(failure: UpstreamFailure) -> UpstreamStreamCut:

@@ -19,7 +19,7 @@ from typing import Any
 
 from apirouter import errors, state, tracking
 from apirouter.alerting import Alert, Failure, Recovery
-from apirouter.breakers import Breakers, Target
+from apirouter.breakers import Breakers, State, Target
 from apirouter.config import ConfigInvalid, ProviderConfig
 from apirouter.context import Outcome, RequestContext
 from apirouter.logs import access_log, alert_log
@@ -114,6 +114,10 @@ class Reporter:
         """The outcome of the attempt that answered the client (earlier ones were retried)."""
         assert ctx.target is not None
         target = ctx.target
+        upstream_status = ctx.upstream_status
+        if error is None and upstream_status is not None and upstream_status >= 500:
+            error = errors.UpstreamServerError("", upstream_status)  # e.g. /v1/models' fetch
+            status = upstream_status
         if error is not None and error.upstream_failure:
             self._attempted(target, "failed")
             self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
@@ -123,6 +127,8 @@ class Reporter:
         elif ctx.upstream_status is not None:
             self._attempted(target, "ok")
             self._upstream_succeeded(target)
+        else:  # it never reached the upstream: give back a probe it may have claimed
+            self.breakers.release(target.key)
 
     def attempt_retried(
         self,
@@ -163,9 +169,14 @@ class Reporter:
     def _upstream_failed(self, target: Target, failure: Failure) -> None:
         """One window decides both: alert when it fills, cool the upstream down too."""
         alert = self.tracker.record_failure(target.key, failure)
+        was_healthy = self.breakers.state(target.key) is State.HEALTHY
         probe_failed = self.breakers.failed(target.key, failure.error_type)
+        # a failed probe doubles the pause; failures of requests already in flight when
+        # the breaker opened (or of health checks) do not
         if probe_failed or (
-            self.tracker.over_threshold(target.key) and self.breakers.healthy_elsewhere(target)
+            was_healthy
+            and self.tracker.over_threshold(target.key)
+            and self.breakers.healthy_elsewhere(target)
         ):
             self.breakers.open(target.key, target.provider.cooldown)
         if alert is not None:

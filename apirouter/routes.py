@@ -89,6 +89,10 @@ def check_segments(params: Mapping[str, str]) -> None:
     for name, value in params.items():
         if not value:
             raise errors.BadRequest(f"Path segment {{{name}}} must not be empty.")
+        if not (value.isascii() and value.isprintable()):  # the raw segment goes upstream
+            raise errors.BadRequest(
+                f"Path segment {{{name}}} must be printable ASCII; percent-encode other bytes."
+            )
         if any(step in (".", "..") for step in unquote(value).replace("\\", "/").split("/")):
             raise errors.BadRequest(
                 f"Path segment {{{name}}} must not be '.' or '..', nor contain them between "

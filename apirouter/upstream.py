@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -71,7 +72,6 @@ class Upstream:
         ``content-length`` in ``headers`` it goes with that fixed length, else chunked.
         An exception raised by the pieces aborts the request and propagates unchanged.
         """
-        host = httpx.URL(url).host
         timeout = self.client.timeout
         if first_byte_timeout is not None:
             timeout = httpx.Timeout(
@@ -80,12 +80,13 @@ class Upstream:
                 write=timeout.write,
                 pool=timeout.pool,
             )
+        host = urlsplit(url).hostname or ""
         try:
             request = self.client.build_request(
                 method, url, headers=wire_headers(headers), content=body, timeout=timeout
             )
             response = self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             raise translate_httpx_error(exc, host) from exc
         if first_byte_timeout is not None:  # httpcore reads this dict when the body starts
             request.extensions["timeout"]["read"] = self.client.timeout.read

@@ -220,3 +220,14 @@ def test_no_client_input_causes_a_500(
         lines.append(b"Content-Length: " + str(len(body)).encode())
     response = raw_exchange(router.url, b"\r\n".join(lines) + b"\r\n\r\n" + body)
     assert status_of(response) != 500, response[:600]
+
+
+@pytest.mark.parametrize(
+    "target", [b"/v1/files/ab\x01c", b"/v1/models/a\x7fb", b"/v1/files/a\tb/content"]
+)
+def test_control_bytes_in_a_path_id_are_400_not_500(router, target):
+    response = raw_exchange(
+        router.url, b"GET " + target + b" HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(response) == 400, response[:300]
+    assert b"printable ASCII" in response

@@ -127,9 +127,13 @@ def test_literal_keys_and_unset_key_variables_are_warned_about():
     settings = Settings.from_env({"A_KEY": "set"})
     problems = diagnostics.lint_config(config, settings)
     assert paths(problems, "warning") == [
+        "$.upstreams",  # open relay: operator keys and no client keys
         "$.upstreams",  # B_KEY is not set
         "$.headers.Authorization",
         '$.endpoints["/v1/messages"].headers.x-api-key',
     ]
-    assert "B_KEY" in problems[0].message and "A_KEY" not in problems[0].message
+    assert "open relay" in problems[0].message
+    assert "B_KEY" in problems[1].message and "A_KEY" not in problems[1].message
+    guarded = Settings.from_env({"A_KEY": "set", "B_KEY": "set", "APIROUTER_CLIENT_KEYS": "ck"})
+    assert "open relay" not in " ".join(p.message for p in diagnostics.lint_config(config, guarded))
     assert all("sk-literal" not in p.message + p.hint for p in problems)

@@ -8,6 +8,7 @@ log. The router's clock is a FakeClock, so cooldowns end when the test says so.
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -490,3 +491,85 @@ def test_a_request_that_finally_fails_is_one_event_with_its_attempts(
     assert crumb["data"]["status"] in (502, 503) and crumb["data"]["upstream"].startswith(
         "testprov/"
     )
+
+
+# --- regressions found in review -------------------------------------------------------------
+
+
+def test_requests_refused_before_the_upstream_give_back_a_claimed_probe(
+    make_router, httpserver, tmp_path
+):
+    router_dir = tmp_path
+    clock = FakeClock(1000.0)
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_data("down", status=503)
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_data("down", status=503)
+    config = two_upstreams(httpserver, httpserver.url_for("/a/v1"), httpserver.url_for("/b/v1"))
+    config["fallbacks"] = [{"config": "backup.json", "apiKeyEnv": "K"}]
+    write_config(
+        router_dir / "backup.json", {"name": "backup", "baseUrl": httpserver.url_for("/c/v1")}
+    )
+    httpserver.expect_request("/c/v1/chat/completions").respond_with_data("down", status=503)
+    router = make_router(config, clock=clock, alert_threshold=2, environment={"K": "k"})
+    for _ in range(6):
+        chat(router)
+    states = {u["name"]: u["state"] for u in httpx.get(router.url + "/health").json()["upstreams"]}
+    assert "cooling" in states.values()
+    clock.now += 400  # every cooldown is over
+    for _ in range(3):  # invalid bodies: refused before any upstream is reached
+        bad = httpx.post(
+            router.url + CHAT, content=b"{", headers={"Content-Type": "application/json"}
+        )
+        assert bad.status_code == 400
+    httpserver.clear()
+    httpserver.expect_request(re.compile(r"/[ab]/v1/chat/completions")).respond_with_handler(
+        ok_handler("ok")
+    )
+    assert chat(router).status_code == 200  # a probe was still available
+
+
+def test_failures_while_cooling_do_not_stretch_the_cooldown(make_router, httpserver):
+    clock = FakeClock(1000.0)
+    httpserver.expect_request("/bad/v1/chat/completions").respond_with_data("down", status=503)
+    httpserver.expect_request("/good/v1/chat/completions").respond_with_handler(ok_handler("good"))
+    config = two_upstreams(
+        httpserver, httpserver.url_for("/bad/v1"), httpserver.url_for("/good/v1")
+    )
+    router = make_router(config, clock=clock, alert_threshold=3)
+    for _ in range(20):
+        chat(router)
+    assert hits(httpserver, "/bad/") == 3
+    reporter = router.app.reporter
+    # two more failures of the cooling upstream arrive late (requests that were in flight)
+    from apirouter.alerting import Failure
+    from apirouter.breakers import Target
+
+    config_now = router.app.store.current
+    late = Target(config_now, config_now.upstreams[0])
+    for n in range(2):
+        reporter._upstream_failed(late, Failure("upstream_5xx", 503, f"late-{n}"))
+    clock.now += 31  # still the first, 30 s cooldown: the probe goes through now
+    for _ in range(5):
+        chat(router)
+    assert hits(httpserver, "/bad/") == 4
+
+
+def test_a_failing_models_fetch_is_no_recovery(make_router, httpserver):
+    httpserver.expect_request(CHAT).respond_with_data("down", status=503)
+    httpserver.expect_request("/v1/models").respond_with_data("down", status=500)
+    router = make_router(
+        {"retry": {"maxAttempts": 1}, "modelMapping": {"fast": "m"}}, alert_threshold=2
+    )
+    chat(router)
+    chat(router)
+    assert httpx.get(router.url + "/v1/models").json()["data"][0]["id"] == "fast"  # aliases alone
+    recovered = {"provider": "testprov", "alert_type": "upstream_recovered"}
+    assert router.sample("apirouter_alerts_total", recovered) == 0
+
+
+def test_an_alias_is_answered_only_to_an_admitted_client(make_router):
+    router = make_router({"modelMapping": {"fast": "m"}}, client_keys=("ck-0123456789",))
+    assert httpx.get(router.url + "/v1/models/fast").status_code == 401
+    admitted = httpx.get(
+        router.url + "/v1/models/fast", headers={"Authorization": "Bearer ck-0123456789"}
+    )
+    assert admitted.json()["id"] == "fast"
