@@ -54,7 +54,11 @@ HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
 
 
 def stream_payload(events: int, gap: float) -> bytes:
-    return json.dumps({"model": "m", "stream": True, "events": events, "gap": gap}).encode()
+    # asks for the final usage chunk, as SDK users with include_usage do: parsing is measured
+    options = {"include_usage": True}
+    return json.dumps(
+        {"model": "m", "stream": True, "stream_options": options, "events": events, "gap": gap}
+    ).encode()
 
 
 # --- processes ------------------------------------------------------------------------------

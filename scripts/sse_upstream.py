@@ -28,7 +28,7 @@ CHAT = json.dumps(
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
     }
 ).encode()
-# The final chunk of a stream asked with stream_options.include_usage, sent always.
+# The final chunk of a stream whose request asked for stream_options.include_usage.
 USAGE_CHUNK = b'data: {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 19}}\n\n'
 
 
@@ -36,7 +36,9 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def stream(writer: asyncio.StreamWriter, events: int, gap: float) -> None:
+async def stream(
+    writer: asyncio.StreamWriter, events: int, gap: float, usage: bool = False
+) -> None:
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
@@ -47,7 +49,8 @@ async def stream(writer: asyncio.StreamWriter, events: int, gap: float) -> None:
         writer.write(chunk(event % (i, time.monotonic())))
         await writer.drain()
     await asyncio.sleep(gap)
-    writer.write(chunk(USAGE_CHUNK) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    final = chunk(USAGE_CHUNK) if usage else b""
+    writer.write(final + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -63,7 +66,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
             elif b'"stream": true' in body:
                 params = json.loads(body)
-                await stream(writer, params.get("events", 20), params.get("gap", 0.005))
+                usage = (params.get("stream_options") or {}).get("include_usage") is True
+                await stream(writer, params.get("events", 20), params.get("gap", 0.005), usage)
             else:
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
