@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 UPSTREAM = Path(__file__).with_name("sse_upstream.py")
+REPO = Path(__file__).resolve().parent.parent
 
 PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello"}]}).encode()
 HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
@@ -102,9 +103,13 @@ class RouterProcess:
         command += ["--port", str(self.port), *args.router_arg]
         if self.admin_port:
             command += ["--admin-port", str(self.admin_port)]
+        # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: the
+        # router runs in the checkout whose package it must import, never in ours by chance
+        source = env.get("PYTHONPATH", str(REPO))
         self.process = subprocess.Popen(
             command,
-            env={**os.environ, **env},
+            env={**os.environ, **env, "PYTHONPATH": source},
+            cwd=source,
             stderr=subprocess.DEVNULL,
             preexec_fn=lambda: os.sched_setaffinity(0, {0}),
         )
