@@ -92,7 +92,7 @@ class Relay:
         self._on_first_byte = on_first_byte
         self._write: Callable[[bytes], Any] | None = None
         self._slot: Releasable | None = None
-        self._tail = b"\n\n"  # nothing sent yet counts as a boundary
+        self._last = b"\n\n"  # ends like the bytes relayed; nothing sent yet is a boundary
         self._done = False
         self._closed = False
         self._error: RouterError | None = None
@@ -120,7 +120,7 @@ class Relay:
                 if not started:
                     started = True
                     self._on_first_byte()
-                self._tail = chunk[-4:] if len(chunk) >= 4 else (self._tail + chunk)[-4:]
+                self._last = chunk if len(chunk) > 3 else self._last[-4:] + chunk
                 yield chunk
                 if self._observer is not None:
                     self._observer.feed(chunk)
@@ -151,7 +151,7 @@ class Relay:
 
     def _idle(self) -> None:
         """Upstream silence for a heartbeat interval: keep the client's connection alive."""
-        if not self._tail.endswith(_BOUNDARIES) or self._write is None:
+        if not self._last.endswith(_BOUNDARIES) or self._write is None:
             return
         try:
             self._write(HEARTBEAT)

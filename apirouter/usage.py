@@ -96,6 +96,9 @@ class UsageReader:
             except zlib.error:
                 self._unreadable = True
                 return
+        whole_events = self._sse and not self._pending and chunk.endswith(_BOUNDARIES)
+        if whole_events and b"usage" not in chunk:  # nothing to parse, nothing to keep
+            return
         self._pending += chunk
         if self._sse:
             self._events()
