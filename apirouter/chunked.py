@@ -101,12 +101,17 @@ def _body(connection: h11.Connection, read: Read) -> Iterator[bytes]:
 def decode(
     read: Read, buffer: bytes, pos: int = 0, after_chunk: bool = False
 ) -> Generator[bytes, None, bytes]:
-    """Yield the data of each chunk as it arrives (a chunk split across reads comes out in
-    pieces, never held back); return whatever followed the end of the body.
-    ``after_chunk``: ``buffer`` starts with the CRLF that ends a chunk's data."""
+    """Yield the body's data as it arrives and return whatever followed its end.
+
+    The chunks complete in one read come out as one piece (one write to the client, one
+    wake-up for it), a chunk split across reads in pieces; nothing is held back across a
+    read. ``after_chunk``: ``buffer`` starts with the CRLF that ends a chunk's data."""
+    held: list[bytes] = []
     while True:
         if after_chunk:
             while len(buffer) - pos < 2:
+                if held:
+                    yield _take(held)
                 buffer, pos = buffer[pos:] + _more(read), 0
             if buffer[pos : pos + 2] != b"\r\n":
                 raise ChunkError("chunk data not followed by CRLF")
@@ -116,6 +121,8 @@ def decode(
         while end < 0:
             if len(buffer) - pos > MAX_LINE:
                 raise ChunkError("chunk-size line too long")
+            if held:
+                yield _take(held)
             buffer, pos = buffer[pos:] + _more(read), 0
             end = buffer.find(b"\r\n")
         match = _SIZE.fullmatch(buffer, pos, end)
@@ -124,17 +131,26 @@ def decode(
         size = int(match[1], 16)
         pos = end + 2
         if size == 0:
+            if held:
+                yield _take(held)
             return _after_trailers(read, buffer, pos)
         while True:
             available = len(buffer) - pos
             if available >= size:
-                yield buffer if pos == 0 and size == len(buffer) else buffer[pos : pos + size]
+                held.append(buffer[pos : pos + size])
                 pos += size
                 break
             if available:
-                yield buffer[pos:] if pos else buffer
+                held.append(buffer[pos:] if pos else buffer)
                 size -= available
+            yield _take(held)
             buffer, pos = _more(read), 0
+
+
+def _take(held: list[bytes]) -> bytes:
+    piece = held[0] if len(held) == 1 else b"".join(held)
+    held.clear()
+    return piece
 
 
 def _after_trailers(read: Read, buffer: bytes, pos: int) -> bytes:

@@ -162,11 +162,26 @@ class KeepAliveTask(WSGITask):
     """
 
     close_on_finish: bool
+    wrote_header: bool
+    content_bytes_written: int
 
     def write(self, data: bytes) -> None:
-        """waitress's write, with the common case of a streamed response made cheap: each
-        relayed SSE event is one chunk, framed in one step."""
-        if self.chunked_response and self.wrote_header and data:  # has_body: chunked_response
+        """waitress's write, made cheap for the common cases: the head goes out with the
+        first piece of the body (one send, and one wake-up of the client, fewer per
+        response), and each relayed SSE event is framed as a chunk in one step."""
+        if data and not self.wrote_header and self.complete:
+            head = self.build_response_header()
+            self.wrote_header = True
+            if self.chunked_response:  # implies has_body
+                self.channel.write_soon(head + b"%X\r\n%s\r\n" % (len(data), data))
+                return
+            length = self.content_length
+            if self.has_body and length is not None and len(data) <= length:
+                self.content_bytes_written += len(data)
+                self.channel.write_soon(head + data)
+                return
+            self.channel.write_soon(head)  # and the body as waitress would
+        if self.chunked_response and self.wrote_header and data:
             self.channel.write_soon(b"%X\r\n%s\r\n" % (len(data), data))
         else:
             super().write(data)

@@ -18,9 +18,7 @@ import pytest
 from apirouter import chunked, errors
 from apirouter.upstream import Upstream, iter_raw, watch_idle
 
-HEAD = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-)
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENTS = [b'data: {"i": %d}\n\n' % i for i in range(4)] + [b"data: [DONE]\n\n"]
 
 
@@ -73,6 +71,12 @@ def test_decode_yields_a_large_chunk_in_pieces_as_they_arrive():
     pieces = [b"b" * 500, b"c" * 490 + b"\r\n0\r\n\r\n"]
     body = chunked.decode(reader(pieces), b"3e8\r\n" + b"a" * 10)  # one chunk of 1,000
     assert [len(piece) for piece in body] == [10, 500, 490]
+
+
+def test_decode_gives_the_chunks_of_one_read_as_one_piece():
+    first = framed(EVENTS[:2], last=b"")
+    body = chunked.decode(reader([framed(EVENTS[2:])]), first)
+    assert list(body) == [EVENTS[0] + EVENTS[1], b"".join(EVENTS[2:])]
 
 
 def test_decode_returns_what_follows_the_body():
@@ -139,7 +143,7 @@ class RawUpstream:
         self.answer = answer
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d/v1/chat/completions" % self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/chat/completions"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
