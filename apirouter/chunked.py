@@ -143,7 +143,8 @@ def decode(
             if available:
                 held.append(buffer[pos:] if pos else buffer)
                 size -= available
-            yield _take(held)
+            if held:
+                yield _take(held)
             buffer, pos = _more(read), 0
 
 

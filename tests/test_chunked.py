@@ -79,6 +79,10 @@ def test_decode_gives_the_chunks_of_one_read_as_one_piece():
     assert list(body) == [EVENTS[0] + EVENTS[1], b"".join(EVENTS[2:])]
 
 
+def test_decode_never_yields_an_empty_piece():
+    assert list(chunked.decode(reader([b"hello\r\n0\r\n\r\n"]), b"5\r\n")) == [b"hello"]
+
+
 def test_decode_returns_what_follows_the_body():
     assert decode_all([framed(EVENTS) + b"HTTP/1.1 200"]) == (b"".join(EVENTS), b"HTTP/1.1 200")
 
