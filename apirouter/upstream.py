@@ -10,6 +10,8 @@ Pool size: the connection pool has no cap of its own. The capacity gate
 (``apirouter.capacity``) already bounds proxied requests in flight, and each holds at most
 one upstream connection, so a second, smaller cap could only turn request N+1 into a
 ``PoolTimeout`` reported as an upstream failure: a false alert about a healthy provider.
+The pool is ``apirouter.pool.LeanPool``: httpcore's own does quadratic bookkeeping at a
+thousand connections.
 
 Idle watch: a stream's heartbeats come from the thread that reads it. Sockets are opened
 through ``WatchedBackend``, whose streams can be told (``watch_idle``) to call back every
@@ -34,6 +36,7 @@ import httpcore
 import httpx
 
 from apirouter import chunked, errors
+from apirouter.pool import LeanPool
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -305,7 +308,7 @@ class WatchedTransport(httpx.HTTPTransport):
     def __init__(self, keepalive_connections: int) -> None:
         super().__init__()
         ssl_context = self._pool._ssl_context
-        self._pool = httpcore.ConnectionPool(
+        self._pool = LeanPool(
             ssl_context=ssl_context,
             max_connections=None,
             max_keepalive_connections=keepalive_connections,

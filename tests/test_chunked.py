@@ -8,12 +8,11 @@ deterministically; the pool is tested over loopback against a raw upstream.
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterator
 
 import h11
 import pytest
+from upstream_fakes import RawUpstream
 
 from apirouter import chunked, errors
 from apirouter.upstream import Upstream, iter_raw, watch_idle
@@ -137,46 +136,6 @@ def test_a_cut_body_raises_and_leaves_h11_mid_body_so_the_connection_is_closed()
 
 
 # --- over loopback, through httpx's pool -----------------------------------------------------
-
-
-class RawUpstream:
-    """Serves every request on a connection with a fixed chunked SSE answer; counts the
-    connections it accepted."""
-
-    def __init__(self, answer: bytes) -> None:
-        self.answer = answer
-        self.connections = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/chat/completions"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            received = b""
-            while True:
-                while b"\r\n\r\n" not in received:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    received += data
-                head, _, received = received.partition(b"\r\n\r\n")
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                while len(received) < length:
-                    received += conn.recv(65536)
-                received = received[length:]
-                conn.sendall(self.answer)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def relay(upstream: Upstream, url: str) -> tuple[bytes, bool]:

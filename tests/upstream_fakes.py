@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import Iterable, Iterator
 
 from werkzeug import Response
@@ -104,3 +106,50 @@ def anthropic_stream() -> Iterator[bytes]:
     ]
     for name, data in events:
         yield f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class RawUpstream:
+    """A loopback upstream answering every request on a connection with fixed bytes;
+    counts the connections it accepted. ``hang_up``: close each connection after its
+    first answer, without saying so (``closed`` is set once it has)."""
+
+    def __init__(self, answer: bytes, hang_up: bool = False) -> None:
+        self.answer = answer
+        self.hang_up = hang_up
+        self.closed = threading.Event()
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/chat/completions"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            received = b""
+            while True:
+                while b"\r\n\r\n" not in received:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    received += data
+                head, _, received = received.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(received) < length:
+                    received += conn.recv(65536)
+                received = received[length:]
+                conn.sendall(self.answer)
+                if self.hang_up:
+                    conn.close()
+                    self.closed.set()
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
