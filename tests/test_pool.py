@@ -6,7 +6,6 @@ from __future__ import annotations
 import httpx
 from upstream_fakes import RawUpstream
 
-from apirouter import pool
 from apirouter.upstream import Upstream
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
@@ -53,18 +52,38 @@ def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
         raw.close()
 
 
-def test_the_sweep_keeps_at_most_the_keepalive_limit_of_idle_connections(monkeypatch):
+def test_idle_connections_beyond_the_keepalive_limit_close_as_they_fall_idle():
+    """Not at the next sweep: after a burst the router may stay quiet for long."""
     raw = RawUpstream(ANSWER)
     upstream = Upstream(connect_timeout=5, read_timeout=5, keepalive_connections=3)
-    monkeypatch.setattr(pool, "SWEEP_SECONDS", 0.0)  # sweep on every request
     try:
         responses = [start(upstream, raw.url) for _ in range(8)]
         for response in responses:
             finish(response)
-        finish(start(upstream, raw.url))  # the sweep runs as this one starts
         connections = upstream.client._transport._pool.connections
-        assert sum(c.is_idle() for c in connections) <= 3
-        assert raw.connections == 8  # and the last request reused one of them
+        assert len(connections) == 3 and all(c.is_idle() for c in connections)
+        finish(start(upstream, raw.url))
+        assert raw.connections == 8  # the last request reused one of the three
+    finally:
+        upstream.close()
+        raw.close()
+
+
+def test_the_sweep_never_closes_a_connection_given_to_a_request_not_yet_sent(monkeypatch):
+    """Between being given a connection and sending on it, a request's connection still
+    looks idle; closing it then would fail that request with a bad file descriptor."""
+    raw = RawUpstream(ANSWER)
+    upstream = Upstream(connect_timeout=5, read_timeout=5)
+    lean = upstream.client._transport._pool
+    try:
+        finish(start(upstream, raw.url))
+        (connection,) = lean.connections
+        monkeypatch.setattr(connection, "has_expired", lambda: True)  # as if it had expired
+        waiting = type("PoolRequest", (), {"connection": connection})()
+        lean._requests.append(waiting)  # given to a request whose thread has not sent yet
+        assert lean._sweep() == [] and lean.connections == [connection]
+        list.remove(lean._requests, waiting)
+        assert lean._sweep() == [connection]  # once nobody holds it, it goes
     finally:
         upstream.close()
         raw.close()
