@@ -2,7 +2,7 @@
 
 Hazards handled here (see DESIGN.md §7): httpx's 5 s default timeout is far too short for
 LLM calls, so every timeout is explicit; a shared client's cookie jar would carry one
-user's cookies into the next user's request, so the jar refuses every cookie; bodies are
+user's cookies into the next user's request, so it has no jar (``CookielessClient``); bodies are
 relayed raw (``iter_raw``) so compressed upstream bytes reach the client as sent; and
 httpx's INFO log of every full URL is silenced.
 
@@ -28,7 +28,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,12 +52,11 @@ class Upstream:
         transport: httpx.BaseTransport | None = None,
         keepalive_connections: int = 256,
     ) -> None:
-        self.client = httpx.Client(
+        self.client = CookielessClient(
             timeout=httpx.Timeout(
                 connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout
             ),
             follow_redirects=False,
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             transport=transport or WatchedTransport(keepalive_connections),
         )
 
@@ -101,6 +99,33 @@ class Upstream:
 
     def close(self) -> None:
         self.client.close()
+
+
+class _NoCookies(httpx.Cookies):
+    """Always empty: an upstream's cookies are never parsed, kept or sent."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        pass
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class CookielessClient(httpx.Client):
+    """httpx's client with no cookie jar at all.
+
+    A shared client's jar would carry one user's cookies into the next user's request.
+    Refusing them through a cookie policy still parsed every response's headers into
+    urllib's cookie machinery: about 50 µs of CPU a request, for nothing.
+    """
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return _NoCookies()
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        pass
 
 
 def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:

@@ -451,3 +451,21 @@ def test_old_style_config_json_routes_send_json_and_empty_bodies_send_none(make_
     assert chat == [("application/json", payload, {})]
     assert cancel == [(None, b"", {})]
     assert listed == [(None, b"", {})]
+
+
+def test_an_upstream_cookie_never_reaches_the_next_request(make_router, httpserver):
+    """The upstream client is shared by every user: a cookie one answer sets must not ride
+    along with anybody's next request."""
+    seen = []
+
+    def upstream(request: Request) -> Response:
+        seen.append(request.headers.get("Cookie"))
+        response = Response(json.dumps(CHAT_COMPLETION), content_type="application/json")
+        response.set_cookie("session", "user-one")
+        return response
+
+    httpserver.expect_request(CHAT).respond_with_handler(upstream)
+    router = make_router()
+    first, second = post(router, {"model": "m"}), post(router, {"model": "m"})
+    assert first.status_code == second.status_code == 200
+    assert seen == [None, None]
