@@ -8,10 +8,12 @@ deterministically; the pool is tested over loopback against a raw upstream.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 
 import h11
 import pytest
+import trustme
 from upstream_fakes import RawUpstream
 
 from apirouter import chunked, errors
@@ -174,6 +176,28 @@ def test_a_broken_chunked_body_is_an_upstream_protocol_error_and_not_reused():
         raw.answer = HEAD + framed(EVENTS)
         assert relay(upstream, raw.url)[0] == b"".join(EVENTS)
         assert raw.connections == 2  # the broken connection was closed, not reused
+    finally:
+        upstream.close()
+        raw.close()
+
+
+def test_a_stream_over_tls_is_read_lean_and_its_connection_reused(monkeypatch):
+    """The providers' real case: TLS. The lean reader reads the TLS socket, and an event
+    split across TLS records still comes out whole."""
+    authority = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server)
+    events = [b"data: " + b"x" * 40_000 + b"\n\n", *EVENTS]  # larger than a TLS record
+    raw = RawUpstream(HEAD + framed(events), tls=server)
+    with authority.cert_pem.tempfile() as ca_file:
+        monkeypatch.setenv("SSL_CERT_FILE", ca_file)  # httpx's trust store for this client
+        upstream = Upstream(connect_timeout=5, read_timeout=5)
+    try:
+        for _ in range(2):
+            body, lean = relay(upstream, raw.url)
+            assert lean
+            assert body == b"".join(events)
+        assert raw.connections == 1
     finally:
         upstream.close()
         raw.close()

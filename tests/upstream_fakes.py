@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -113,13 +114,18 @@ class RawUpstream:
     counts the connections it accepted. ``hang_up``: close each connection after its
     first answer, without saying so (``closed`` is set once it has)."""
 
-    def __init__(self, answer: bytes, hang_up: bool = False) -> None:
+    def __init__(
+        self, answer: bytes, hang_up: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.answer = answer
         self.hang_up = hang_up
+        self.tls = tls
         self.closed = threading.Event()
         self.connections = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/chat/completions"
+        scheme = "https" if tls else "http"
+        port = self.listener.getsockname()[1]
+        self.url = f"{scheme}://127.0.0.1:{port}/v1/chat/completions"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -132,6 +138,12 @@ class RawUpstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()
+                return
         with conn:
             received = b""
             while True:
