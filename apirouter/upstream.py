@@ -121,11 +121,11 @@ class CookielessClient(httpx.Client):
 
     @property
     def cookies(self) -> httpx.Cookies:
-        return _NoCookies()
+        return self._cookies
 
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
-        pass
+        self._cookies = _NoCookies()  # whatever is given: one empty jar, made once
 
 
 def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:

@@ -151,20 +151,26 @@ def relay(upstream: Upstream, url: str) -> tuple[bytes, bool]:
         response.close()
 
 
+def assert_relayed_lean_on_one_connection(
+    raw: RawUpstream, upstream: Upstream, events: list[bytes], times: int
+) -> None:
+    try:
+        for _ in range(times):
+            body, lean = relay(upstream, raw.url)
+            assert lean
+            assert body == b"".join(events)
+        assert raw.connections == 1
+    finally:
+        upstream.close()
+        raw.close()
+
+
 def test_streams_are_read_lean_and_the_connection_is_reused():
     """If a new httpx or httpcore moves the attributes that lead to h11, this fails (the
     router would still work, through httpx, at three times the CPU per event)."""
     raw = RawUpstream(HEAD + framed(EVENTS))
     upstream = Upstream(connect_timeout=5, read_timeout=5)
-    try:
-        for _ in range(3):
-            body, lean = relay(upstream, raw.url)
-            assert lean
-            assert body == b"".join(EVENTS)
-        assert raw.connections == 1
-    finally:
-        upstream.close()
-        raw.close()
+    assert_relayed_lean_on_one_connection(raw, upstream, EVENTS, times=3)
 
 
 def test_a_broken_chunked_body_is_an_upstream_protocol_error_and_not_reused():
@@ -192,12 +198,4 @@ def test_a_stream_over_tls_is_read_lean_and_its_connection_reused(monkeypatch):
     with authority.cert_pem.tempfile() as ca_file:
         monkeypatch.setenv("SSL_CERT_FILE", ca_file)  # httpx's trust store for this client
         upstream = Upstream(connect_timeout=5, read_timeout=5)
-    try:
-        for _ in range(2):
-            body, lean = relay(upstream, raw.url)
-            assert lean
-            assert body == b"".join(events)
-        assert raw.connections == 1
-    finally:
-        upstream.close()
-        raw.close()
+    assert_relayed_lean_on_one_connection(raw, upstream, events, times=2)
