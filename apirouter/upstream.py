@@ -119,13 +119,17 @@ class CookielessClient(httpx.Client):
     urllib's cookie machinery: about 50 µs of CPU a request, for nothing.
     """
 
+    def __init__(self, **kwargs: Any) -> None:
+        self._no_cookies = _NoCookies()  # one empty jar, made once
+        super().__init__(**kwargs)
+
     @property
     def cookies(self) -> httpx.Cookies:
-        return self._cookies
+        return self._no_cookies
 
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
-        self._cookies = _NoCookies()  # whatever is given: one empty jar, made once
+        pass
 
 
 def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
