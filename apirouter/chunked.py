@@ -1,4 +1,4 @@
-"""Read a chunked upstream response body straight off the socket, for the relay.
+"""Read an upstream response body straight off the socket, for the relay.
 
 Why: taking each piece of a streamed body through httpx, httpcore and h11 costs about
 15 µs of CPU (five generator layers, a context manager and an h11 event per piece), as
@@ -15,9 +15,14 @@ DONE too and closing the response gives the connection back to the pool as if ht
 read the body. A failure part-way leaves h11 mid-body, so httpcore closes that connection
 rather than reuse it.
 
-Only HTTP/1.1 chunked bodies read from a plain or TLS socket we opened take this path
-(``lean_body`` says None otherwise); reaching h11 takes a few private attributes of httpx
-and httpcore, checked at every step, and a test fails if a new version moves them.
+A body of known length (``Content-Length``) is read through h11 alone, with the same
+``read``: it needs no framing of ours, and skipping httpx's and httpcore's layers saves
+about 25 µs on every non-streamed answer.
+
+Only HTTP/1.1 bodies read from a plain or TLS socket we opened, chunked or of known length,
+take this path (``lean_body`` says None otherwise: a body that ends when the connection
+closes is left to httpx); reaching h11 takes a few private attributes of httpx and
+httpcore, checked at every step, and a test fails if a new version moves them.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ Read = Callable[[], bytes]
 
 
 class ChunkError(Exception):
-    """The upstream broke the chunked framing, or closed the connection inside it."""
+    """The upstream broke the body's framing, or closed the connection inside the body."""
 
 
 def lean_body(response: httpx.Response, read: Read) -> Iterator[bytes] | None:
@@ -48,7 +53,10 @@ def lean_body(response: httpx.Response, read: Read) -> Iterator[bytes] | None:
     connection = _h11_connection(response)
     if connection is None:
         return None
-    if response.headers.get("transfer-encoding", "").lower() != "chunked":
+    headers = response.headers
+    if "content-length" not in headers and headers.get("transfer-encoding", "").lower() != (
+        "chunked"
+    ):
         return None
     if connection.their_http_version != b"1.1" or connection.their_state is not h11.SEND_BODY:
         return None
@@ -68,6 +76,7 @@ def _h11_connection(response: httpx.Response) -> h11.Connection | None:
 
 def _body(connection: h11.Connection, read: Read) -> Iterator[bytes]:
     while True:  # first through h11, until it has just ended a chunk with nothing after it
+        # (a body of known length: to its end)
         try:
             event = connection.next_event()
         except h11.RemoteProtocolError as exc:

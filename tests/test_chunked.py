@@ -199,3 +199,33 @@ def test_a_stream_over_tls_is_read_lean_and_its_connection_reused(monkeypatch):
         monkeypatch.setenv("SSL_CERT_FILE", ca_file)  # httpx's trust store for this client
         upstream = Upstream(connect_timeout=5, read_timeout=5)
     assert_relayed_lean_on_one_connection(raw, upstream, events, times=2)
+
+
+def test_a_body_of_known_length_is_read_through_h11_and_the_connection_reused():
+    body = b'{"id": "c", "usage": {"prompt_tokens": 1}}'
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    raw = RawUpstream(head % len(body) + body)
+    upstream = Upstream(connect_timeout=5, read_timeout=5)
+    try:
+        for _ in range(3):
+            response = upstream.send("POST", raw.url, {}, b"{}")
+            assert chunked.lean_body(response, lambda: b"") is not None  # not through httpx
+            assert b"".join(iter_raw(response)) == body
+            response.close()
+        assert raw.connections == 1
+    finally:
+        upstream.close()
+        raw.close()
+
+
+def test_a_body_shorter_than_its_length_is_an_upstream_protocol_error():
+    raw = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", hang_up=True)
+    upstream = Upstream(connect_timeout=5, read_timeout=5)
+    try:
+        response = upstream.send("POST", raw.url, {}, b"{}")
+        with pytest.raises(errors.UpstreamProtocolError, match="broken or incomplete"):
+            b"".join(iter_raw(response))
+        response.close()
+    finally:
+        upstream.close()
+        raw.close()
