@@ -21,7 +21,6 @@ stream is needed to notice silence.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import socket
@@ -40,6 +39,8 @@ from apirouter.pool import LeanPool
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 READ_BYTES = 64 * 1024  # per read of a body relayed as it arrives (httpcore's own size)
+_UNSET = -1.0  # a socket timeout not yet set by us
+HEAD_HELD_BYTES = 64 * 1024  # a request head, and a body piece it is sent with, below this
 
 
 class Upstream:
@@ -59,6 +60,7 @@ class Upstream:
             follow_redirects=False,
             transport=transport or WatchedTransport(keepalive_connections),
         )
+        self._default_headers = list(self.client.headers.raw)
 
     def send(
         self,
@@ -87,8 +89,12 @@ class Upstream:
             )
         host = urlsplit(url).hostname or ""
         try:
-            request = self.client.build_request(
-                method, url, headers=wire_headers(headers), content=body, timeout=timeout
+            request = httpx.Request(
+                method,
+                parsed_url(url),
+                headers=self._with_defaults(wire_headers(headers)),
+                content=body,
+                extensions={"timeout": timeout.as_dict()},
             )
             response = self.client.send(request, stream=True)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
@@ -96,6 +102,14 @@ class Upstream:
         if first_byte_timeout is not None:  # httpcore reads this dict when the body starts
             request.extensions["timeout"]["read"] = self.client.timeout.read
         return response
+
+    def _with_defaults(self, wire: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        """The client's default headers (User-Agent, Accept, ...) unless ``wire`` has its
+        own, then ``wire``: what ``client.build_request`` would merge, at a third of the
+        cost (it also parses the URL twice and copies the headers twice)."""
+        names = {name.lower() for name in wire}
+        defaults = [(n, v) for n, v in self._default_headers if n.lower() not in names]
+        return defaults + list(wire.items())
 
     def close(self) -> None:
         self.client.close()
@@ -130,6 +144,18 @@ class CookielessClient(httpx.Client):
     @cookies.setter
     def cookies(self, cookies: Any) -> None:
         pass
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed_path_url(url: str) -> httpx.URL:
+    return httpx.URL(url)
+
+
+def parsed_url(url: str) -> httpx.URL:
+    """``url`` parsed, from a cache when it has no query: a few paths carry nearly every
+    request, and parsing one costs about 10 µs. A query may hold a key (Gemini's
+    ``?key=``), which must not linger in a cache."""
+    return httpx.URL(url) if "?" in url else _parsed_path_url(url)
 
 
 def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
@@ -224,12 +250,17 @@ class WatchedStream(httpcore.NetworkStream):
     event received so far has been handed up; so silence seen here is real silence. A
     callback that raises aborts the read (httpcore then closes the connection).
 
-    While watched, reads go straight to the socket with its timeout left at the heartbeat
-    interval: httpcore's own read resets the timeout before every read, one extra system
-    call per relayed event. Only for sockets we opened ourselves (``direct``): TLS inside
-    TLS reads through an SSL object, not the socket. A plain TCP socket is read in blocking
-    mode with the timeout kept by the kernel (``SO_RCVTIMEO``): Python's own timeout polls
-    the socket before every ``recv``, a second system call per relayed event.
+    Reads and writes go straight to sockets we opened ourselves (``direct``; TLS inside TLS
+    goes through an SSL object, not the socket), with their timeouts set only when they
+    change: httpcore sets a socket's timeout before every read and write, one system call
+    each. A plain TCP socket is used in blocking mode with its timeouts kept by the kernel
+    (``SO_RCVTIMEO``, ``SO_SNDTIMEO``): Python's own timeout polls the socket before every
+    ``recv`` and ``send``, another system call each. A relayed SSE event costs one ``recv``.
+
+    A request's head is held back until its body's first write (or the first read), so
+    head and body leave in one send: httpcore writes them apart, which costs a system call
+    and gives the upstream two packets to wake up for. A streamed body's later pieces, and
+    anything large, go as they come.
     """
 
     def __init__(self, inner: httpcore.NetworkStream, direct: bool, tls: bool = False) -> None:
@@ -238,18 +269,21 @@ class WatchedStream(httpcore.NetworkStream):
         self._tls = tls
         self.idle: tuple[float, Callable[[], None]] | None = None
         self._sock = inner.get_extra_info("socket") if direct else None
-        self._kernel_timeout: float | None = None  # SO_RCVTIMEO while set
+        self._recv_timeout: float | None = _UNSET  # SO_RCVTIMEO / SO_SNDTIMEO as last set
+        self._send_timeout: float | None = _UNSET
+        self._next_write_is_head = True  # at the start, and after every read
+        self._head: bytes | None = None  # a request head held back for its body
+        self._head_timeout: float | None = None
 
     def watch(self, idle: tuple[float, Callable[[], None]] | None) -> None:
         self.idle = idle
-        if idle is None and self._sock is not None and self._kernel_timeout is not None:
-            self._kernel_timeout = None  # httpcore's own reads come next
-            with contextlib.suppress(OSError):  # closed: nothing reads it again
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(0.0))
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._next_write_is_head = True
+        if self._head is not None:
+            self._send_head()
         if self.idle is None:
-            return self._inner.read(max_bytes, timeout)
+            return self._read_once(max_bytes, timeout)
         interval, on_idle = self.idle
         step = interval if timeout is None else min(interval, timeout)
         silent = 0.0
@@ -262,7 +296,7 @@ class WatchedStream(httpcore.NetworkStream):
                     raise
                 on_idle()
 
-    def _read_once(self, max_bytes: int, timeout: float) -> bytes:
+    def _read_once(self, max_bytes: int, timeout: float | None) -> bytes:
         sock = self._sock
         if sock is None:
             return self._inner.read(max_bytes, timeout)
@@ -270,10 +304,12 @@ class WatchedStream(httpcore.NetworkStream):
             if self._tls:
                 if sock.gettimeout() != timeout:
                     sock.settimeout(timeout)
-            elif sock.gettimeout() is not None or self._kernel_timeout != timeout:
-                sock.settimeout(None)  # blocking: the kernel times the read out
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-                self._kernel_timeout = timeout
+            else:
+                if sock.gettimeout() is not None:
+                    sock.settimeout(None)  # blocking: the kernel times the read out
+                if self._recv_timeout != timeout:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+                    self._recv_timeout = timeout
             data: bytes = sock.recv(max_bytes)
             return data
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO ran out
@@ -282,7 +318,45 @@ class WatchedStream(httpcore.NetworkStream):
             raise httpcore.ReadError(exc) from exc
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
+        if self._next_write_is_head:
+            self._next_write_is_head = False
+            if len(buffer) < HEAD_HELD_BYTES:
+                self._head, self._head_timeout = buffer, timeout
+                return
+        if self._head is not None:
+            if len(buffer) < HEAD_HELD_BYTES:
+                buffer, self._head = self._head + buffer, None
+            else:
+                self._send_head()
+        self._write_now(buffer, timeout)
+
+    def _write_now(self, buffer: bytes, timeout: float | None) -> None:
+        if not buffer:
+            return
+        sock = self._sock
+        if sock is None:
+            self._inner.write(buffer, timeout)
+            return
+        try:
+            if self._tls:
+                if sock.gettimeout() != timeout:
+                    sock.settimeout(timeout)
+            else:
+                if sock.gettimeout() is not None:
+                    sock.settimeout(None)  # blocking: the kernel times the send out
+                if self._send_timeout != timeout:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+                    self._send_timeout = timeout
+            sock.sendall(buffer)
+        except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO ran out
+            raise httpcore.WriteTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
+
+    def _send_head(self) -> None:
+        head, self._head = self._head, None
+        if head:
+            self._write_now(head, self._head_timeout)
 
     def close(self) -> None:
         self._inner.close()
@@ -362,9 +436,10 @@ def watch_idle(
     return True
 
 
-def _timeval(seconds: float) -> bytes:
-    """A ``struct timeval`` for SO_RCVTIMEO. Zero means no timeout to the kernel, so a
-    positive timeout is never rounded down to it."""
+def _timeval(seconds: float | None) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO; None: no timeout. Zero means no
+    timeout to the kernel, so a positive timeout is never rounded down to it."""
+    seconds = seconds or 0.0
     if seconds > 0:
         seconds = max(seconds, 0.001)
     whole = int(seconds)
