@@ -183,6 +183,7 @@ class Attempts:
                 headers,
                 body.content(),
                 first_byte_timeout=target.provider.retry.first_byte_timeout_secs,
+                configured_url=not plan.match.params and not plan.request.query,
             )
         finally:
             ctx.upstream_seconds = self.clock() - sent_at

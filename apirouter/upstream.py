@@ -69,8 +69,12 @@ class Upstream:
         headers: dict[str, str],
         body: bytes | Iterable[bytes],
         first_byte_timeout: float | None = None,
+        configured_url: bool = False,
     ) -> httpx.Response:
         """Send a request and return the response with its body not yet read.
+
+        ``configured_url``: the URL comes from the config alone (no path segment or query
+        of the client's), so it is kept parsed for the next request (``parsed_url``).
 
         ``first_byte_timeout`` bounds the wait for the response headers only: once they
         arrive, the body is read with the ordinary (long) read timeout.
@@ -91,7 +95,7 @@ class Upstream:
         try:
             request = httpx.Request(
                 method,
-                parsed_url(url),
+                parsed_url(url, configured_url),
                 headers=self._with_defaults(wire_headers(headers)),
                 content=body,
                 extensions={"timeout": timeout.as_dict()},
@@ -147,15 +151,16 @@ class CookielessClient(httpx.Client):
 
 
 @functools.lru_cache(maxsize=512)
-def _parsed_path_url(url: str) -> httpx.URL:
+def _parsed_configured_url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
 
-def parsed_url(url: str) -> httpx.URL:
-    """``url`` parsed, from a cache when it has no query: a few paths carry nearly every
-    request, and parsing one costs about 10 µs. A query may hold a key (Gemini's
-    ``?key=``), which must not linger in a cache."""
-    return httpx.URL(url) if "?" in url else _parsed_path_url(url)
+def parsed_url(url: str, configured: bool = False) -> httpx.URL:
+    """``url`` parsed; from a cache when it comes from the config alone, where a few URLs
+    carry nearly every request and parsing one costs about 10 µs. Never a URL with a
+    client's path segment or query: those vary without bound, and a query may hold a key
+    (Gemini's ``?key=``), which must not linger in a cache."""
+    return _parsed_configured_url(url) if configured else httpx.URL(url)
 
 
 def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
@@ -179,8 +184,9 @@ def iter_raw(response: httpx.Response) -> Iterator[bytes]:
     """The response body as the upstream sent it (no decompression), translating failures.
 
     No chunk size: httpx would then hold bytes back until a chunk is full, delaying SSE
-    events. Each piece is yielded the moment it arrives. A chunked body on a socket we
-    opened is read straight off it (``apirouter.chunked``: a sixth of the CPU per piece).
+    events. Each piece is yielded the moment it arrives. A chunked body, or one of known
+    length, on a socket we opened is read straight off it (``apirouter.chunked``: a sixth
+    of the CPU per piece).
     """
     host = response.request.url.host
     stream = response.extensions.get("network_stream")
@@ -260,7 +266,11 @@ class WatchedStream(httpcore.NetworkStream):
     A request's head is held back until its body's first write (or the first read), so
     head and body leave in one send: httpcore writes them apart, which costs a system call
     and gives the upstream two packets to wake up for. A streamed body's later pieces, and
-    anything large, go as they come.
+    anything large, go as they come. h11 always writes after the head (b"" ends a body of
+    known length), so the head goes out from ``write``, where httpcore expects write errors.
+
+    A kernel timeout restarts when a signal interrupts the call (Python retries it), where
+    Python's own would keep its deadline; signals go to the main thread, never to these.
     """
 
     def __init__(self, inner: httpcore.NetworkStream, direct: bool, tls: bool = False) -> None:

@@ -114,9 +114,30 @@ def test_the_upstream_gets_httpx_default_headers_unless_the_request_has_its_own(
     assert seen[1]["accept"] == "*/*"
 
 
-def test_only_urls_without_a_query_are_kept_parsed():
-    """A query may carry an API key (Gemini's ``?key=``): it never lingers in a cache."""
-    before = upstream._parsed_path_url.cache_info().currsize
+def test_only_urls_from_the_config_alone_are_kept_parsed():
+    """A client's path segments vary without bound, and a query may carry an API key
+    (Gemini's ``?key=``): neither lingers in a cache."""
+    cache = upstream._parsed_configured_url
+    before = cache.cache_info().currsize
     assert upstream.parsed_url("http://h/v1/x?key=secret").params["key"] == "secret"
-    assert upstream._parsed_path_url.cache_info().currsize == before
-    assert upstream.parsed_url("http://h/v1/y") is upstream.parsed_url("http://h/v1/y")
+    assert upstream.parsed_url("http://h/v1/files/abc") == httpx.URL("http://h/v1/files/abc")
+    assert cache.cache_info().currsize == before
+    kept = upstream.parsed_url("http://h/v1/chat/completions", configured=True)
+    assert upstream.parsed_url("http://h/v1/chat/completions", configured=True) is kept
+
+
+def test_the_router_keeps_parsed_only_the_urls_of_its_config(router, httpserver):
+    httpserver.expect_request("/v1/chat/completions").respond_with_json({})
+    httpserver.expect_request("/v1/files/file-client-1").respond_with_json({})
+    httpserver.expect_request("/v1/models").respond_with_json({"data": []})
+    cache = upstream._parsed_configured_url
+    cache.cache_clear()
+    headers = {"Authorization": "Bearer k"}
+    for _ in range(2):
+        httpx.post(router.url + "/v1/chat/completions", json={"model": "m"}, headers=headers)
+        httpx.get(router.url + "/v1/files/file-client-1", headers=headers)
+        httpx.get(router.url + "/v1/models?key=client-secret", headers=headers)
+    assert len(httpserver.log) == 6
+    assert (cache.cache_info().currsize, cache.cache_info().hits) == (1, 1)  # chat only
+    cache(httpserver.url_for("/v1/chat/completions"))
+    assert cache.cache_info().hits == 2  # and that one entry is the chat URL
