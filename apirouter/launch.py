@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from apirouter import __version__, logs, server, tracking
+from apirouter import __version__, gc_tuning, logs, server, tracking
 from apirouter.app import App, build
 from apirouter.config import DEFAULT_PROVIDER, Problem
 from apirouter.diagnostics import (
@@ -72,6 +72,7 @@ def serve(
     application = build(settings, target, tracking_enabled=tracking.init(settings))
     http_server = _listen(application, options)
     banner = _banner(application, http_server, settings, env, options)
+    gc_tuning.tune()
     server.run(http_server, application, on_ready=lambda: on_ready(banner))
 
 

@@ -27,7 +27,7 @@ import signal
 import threading
 from typing import Any
 
-from apirouter import logs
+from apirouter import gc_tuning, logs
 from apirouter.admin import AdminListener
 from apirouter.app import build
 from apirouter.settings import Settings, read_environment
@@ -61,3 +61,5 @@ if threading.current_thread() is threading.main_thread():
     _previous = signal.getsignal(signal.SIGTERM)
     if callable(_previous):
         signal.signal(signal.SIGTERM, _drain_then(_previous))
+
+gc_tuning.tune()  # last: whatever importing built stays out of every collection

@@ -17,7 +17,7 @@ from harness import write_config
 from sentry_wire import DSN_SECRET
 from typer.testing import CliRunner
 
-from apirouter import __version__
+from apirouter import __version__, gc_tuning
 from apirouter.cli import cli
 
 runner = CliRunner()
@@ -544,3 +544,15 @@ def test_show_config_unknown_provider_is_a_usage_error():
     result = invoke("show-config", "opnai")
     assert result.exit_code == 2
     assert "unknown provider 'opnai': did you mean 'openai'?" in result.output
+
+
+def test_gc_tuning_freezes_start_up_and_raises_the_young_threshold():
+    """In a process of its own: it changes the collector for the whole process."""
+    code = (
+        "import gc; from apirouter import gc_tuning; gc_tuning.tune(); "
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 1000)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == [str(gc_tuning.YOUNG_THRESHOLD), "True"]
