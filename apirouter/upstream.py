@@ -279,8 +279,7 @@ class WatchedStream(httpcore.NetworkStream):
         self._tls = tls
         self.idle: tuple[float, Callable[[], None]] | None = None
         self._sock = inner.get_extra_info("socket") if direct else None
-        self._recv_timeout: float | None = _UNSET  # SO_RCVTIMEO / SO_SNDTIMEO as last set
-        self._send_timeout: float | None = _UNSET
+        self._kernel_timeouts: dict[int, float | None] = {}  # SO_RCVTIMEO, SO_SNDTIMEO as set
         self._next_write_is_head = True  # at the start, and after every read
         self._head: bytes | None = None  # a request head held back for its body
         self._head_timeout: float | None = None
@@ -311,15 +310,7 @@ class WatchedStream(httpcore.NetworkStream):
         if sock is None:
             return self._inner.read(max_bytes, timeout)
         try:
-            if self._tls:
-                if sock.gettimeout() != timeout:
-                    sock.settimeout(timeout)
-            else:
-                if sock.gettimeout() is not None:
-                    sock.settimeout(None)  # blocking: the kernel times the read out
-                if self._recv_timeout != timeout:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-                    self._recv_timeout = timeout
+            self._time_out(sock, socket.SO_RCVTIMEO, timeout)
             data: bytes = sock.recv(max_bytes)
             return data
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO ran out
@@ -348,20 +339,26 @@ class WatchedStream(httpcore.NetworkStream):
             self._inner.write(buffer, timeout)
             return
         try:
-            if self._tls:
-                if sock.gettimeout() != timeout:
-                    sock.settimeout(timeout)
-            else:
-                if sock.gettimeout() is not None:
-                    sock.settimeout(None)  # blocking: the kernel times the send out
-                if self._send_timeout != timeout:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
-                    self._send_timeout = timeout
+            self._time_out(sock, socket.SO_SNDTIMEO, timeout)
             sock.sendall(buffer)
         except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_SNDTIMEO ran out
             raise httpcore.WriteTimeout(exc) from exc
         except OSError as exc:
             raise httpcore.WriteError(exc) from exc
+
+    def _time_out(self, sock: socket.socket, option: int, timeout: float | None) -> None:
+        """Give ``sock`` ``timeout`` for the next read (SO_RCVTIMEO) or write (SO_SNDTIMEO),
+        with a system call only when it changes: TLS through Python's socket timeout, plain
+        TCP in blocking mode with the kernel's."""
+        if self._tls:
+            if sock.gettimeout() != timeout:
+                sock.settimeout(timeout)
+            return
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
+        if self._kernel_timeouts.get(option, _UNSET) != timeout:
+            sock.setsockopt(socket.SOL_SOCKET, option, _timeval(timeout))
+            self._kernel_timeouts[option] = timeout
 
     def _send_head(self) -> None:
         head, self._head = self._head, None
