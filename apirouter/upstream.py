@@ -270,7 +270,8 @@ class WatchedStream(httpcore.NetworkStream):
     known length), so the head goes out from ``write``, where httpcore expects write errors.
 
     A kernel timeout restarts when a signal interrupts the call (Python retries it), where
-    Python's own would keep its deadline; signals go to the main thread, never to these.
+    Python's own would keep its deadline; process signals go to the main thread, which does
+    no upstream I/O.
     """
 
     def __init__(self, inner: httpcore.NetworkStream, direct: bool, tls: bool = False) -> None:
