@@ -54,9 +54,8 @@ def lean_body(response: httpx.Response, read: Read) -> Iterator[bytes] | None:
     if connection is None:
         return None
     headers = response.headers
-    if "content-length" not in headers and headers.get("transfer-encoding", "").lower() != (
-        "chunked"
-    ):
+    chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+    if not chunked and "content-length" not in headers:  # ends when the connection closes
         return None
     if connection.their_http_version != b"1.1" or connection.their_state is not h11.SEND_BODY:
         return None
@@ -107,15 +106,14 @@ def _body(connection: h11.Connection, read: Read) -> Iterator[bytes]:
         raise ChunkError("the connection's state did not follow the body")
 
 
-def decode(
-    read: Read, buffer: bytes, pos: int = 0, after_chunk: bool = False
-) -> Generator[bytes, None, bytes]:
+def decode(read: Read, buffer: bytes, after_chunk: bool = False) -> Generator[bytes, None, bytes]:
     """Yield the body's data as it arrives and return whatever followed its end.
 
     The chunks complete in one read come out as one piece (one write to the client, one
     wake-up for it), a chunk split across reads in pieces; nothing is held back across a
     read. ``after_chunk``: ``buffer`` starts with the CRLF that ends a chunk's data."""
     held: list[bytes] = []
+    pos = 0
     while True:
         if after_chunk:
             while len(buffer) - pos < 2:

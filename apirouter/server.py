@@ -173,7 +173,7 @@ class KeepAliveTask(WSGITask):
             head = self.build_response_header()
             self.wrote_header = True
             if self.chunked_response:  # implies has_body
-                self.channel.write_soon(head + b"%X\r\n%s\r\n" % (len(data), data))
+                self.channel.write_soon(head + _chunk(data))
                 return
             length = self.content_length
             if self.has_body and length is not None and len(data) <= length:
@@ -182,7 +182,7 @@ class KeepAliveTask(WSGITask):
                 return
             self.channel.write_soon(head)  # and the body as waitress would
         if self.chunked_response and self.wrote_header and data:
-            self.channel.write_soon(b"%X\r\n%s\r\n" % (len(data), data))
+            self.channel.write_soon(_chunk(data))
         else:
             super().write(data)
 
@@ -195,6 +195,11 @@ class KeepAliveTask(WSGITask):
             self.close_on_finish = False
             header = header.replace(b"\r\nConnection: close", b"", 1)
         return header
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` framed as one HTTP/1.1 chunk, in one step."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
 
 
 class GuardedChannel(RouterChannel):
