@@ -9,8 +9,11 @@ process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
   (events 5 ms apart, as a fast model streams), both at 8 connections. Reports medians:
   router CPU per plain request, per stream, and per relayed event = (CPU per 20-event
   stream - CPU per plain request) / 20. ``--baseline DIR`` alternates with another
-  checkout's ``apirouter`` package (run with its own defaults) round by round, and
-  ``--sentry`` adds a round with Sentry enabled (no failures, so no events).
+  checkout's ``apirouter`` package (run with its own defaults) round by round,
+  ``--sentry`` adds a round with Sentry enabled (no failures, so no events), and
+  ``--nginx`` adds nginx proxying the same load (one worker on the same core, unbuffered,
+  keep-alive upstream): what an event-loop proxy written in C costs on this machine, the
+  reference the router's figures are read against (the VM's wake-up costs move both).
 - ``streams``: N concurrent streams (default 1,000 of 20 events over 20 s): completions,
   time to first byte p50/p99, added delay per event p99 (upstream send to client receipt,
   both on CLOCK_MONOTONIC), whether every first byte arrived before any stream ended, peak
@@ -23,6 +26,7 @@ process (pinned to core 1), and reads the router's CPU time from /proc. Modes:
     python scripts/bench.py slowloris --connections 1000
     python scripts/bench.py cpu --baseline /tmp/base   # alternate with another checkout
     python scripts/bench.py cpu --redis                # rate limit in process vs in Redis
+    python scripts/bench.py cpu --nginx                # nginx on the same load, for reference
 
 Figures depend on the machine; compare runs on the same one. Not part of the test suite.
 """
@@ -31,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import http.client
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -123,6 +129,51 @@ class RouterProcess:
         self.process.wait(timeout=30)
 
 
+NGINX_CONF = """
+worker_processes 1; daemon off; master_process off; pid {workdir}/nginx.pid;
+error_log /dev/null;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off; proxy_request_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+class NginxProcess:
+    """nginx in front of the same upstream, on core 0 like the router: the reference."""
+
+    def __init__(self, upstream_port: int, workdir: Path) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.access(nginx, os.X_OK):
+            raise SystemExit("--nginx needs nginx installed (Debian: apt-get install nginx-light)")
+        self.port = free_port()
+        config = workdir / "nginx.conf"
+        config.write_text(
+            NGINX_CONF.format(workdir=workdir, upstream_port=upstream_port, port=self.port)
+        )
+        self.process = subprocess.Popen(
+            [nginx, "-c", str(config), "-p", str(workdir), "-e", "/dev/null"],
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+        )
+        wait_listening(self.port)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 # --- cpu mode -------------------------------------------------------------------------------
 
 
@@ -154,7 +205,9 @@ def load(port: int, total: int, connections: int, payload: bytes) -> list[float]
     return latencies
 
 
-def cpu_per_request(router: RouterProcess, total: int, connections: int, payload: bytes) -> float:
+def cpu_per_request(
+    router: RouterProcess | NginxProcess, total: int, connections: int, payload: bytes
+) -> float:
     load(router.port, max(connections, total // 10), connections, payload)  # warm-up
     before = router.cpu()
     done = len(load(router.port, total, connections, payload))
@@ -196,9 +249,11 @@ def start_redis(port: int) -> subprocess.Popen:
 LIMIT = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000", "RATE_LIMIT_BURST": "100000000"}
 
 
-def cpu_round(config: Path, env: dict[str, str], args: argparse.Namespace) -> tuple[float, ...]:
-    """One round on a fresh router: CPU per plain request, per 20-event stream."""
-    router = RouterProcess(config, env, args)
+def cpu_round(
+    start: Callable[[], RouterProcess | NginxProcess], args: argparse.Namespace
+) -> tuple[float, ...]:
+    """One round on a fresh proxy: CPU per plain request, per 20-event stream."""
+    router = start()
     try:
         plain = cpu_per_request(router, args.requests, 8, PAYLOAD)
         stream = cpu_per_request(router, args.stream_requests, 8, stream_payload(20, args.gap))
@@ -212,7 +267,7 @@ def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
     streams = [r[1] for r in rounds]
     per_plain, per_stream = statistics.median(plain), statistics.median(streams)
     return {
-        "run": f"{label}: router CPU at 8 connections, medians of {len(rounds)} alternating rounds",
+        "run": f"{label}: CPU at 8 connections, medians of {len(rounds)} alternating rounds",
         "plain_request_ms": round(per_plain * 1000, 3),
         "plain_request_ms_each_round": [round(v * 1000, 3) for v in plain],
         "stream_20_events_ms": round(per_stream * 1000, 3),
@@ -222,32 +277,36 @@ def cpu_summary(label: str, rounds: list[tuple[float, ...]]) -> dict[str, Any]:
 
 
 def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list[dict]:
-    """Alternate this checkout with ``--baseline`` (another checkout's source) per round."""
-    Variant = tuple[dict[str, str], argparse.Namespace, Path]
-    variants: dict[str, Variant] = {"this": ({}, args, config)}
+    """Alternate this checkout with ``--baseline`` (another checkout's source), and the
+    other variants asked for, per round."""
+
+    def router(
+        env: dict[str, str], variant_config: Path = config, variant_args: argparse.Namespace = args
+    ) -> Callable[[], RouterProcess]:
+        return functools.partial(RouterProcess, variant_config, env, variant_args)
+
+    variants: dict[str, Callable[[], RouterProcess | NginxProcess]] = {"this": router({})}
     if args.sentry:  # the upstream doubles as a Sentry ingest that accepts every envelope
-        variants["this, Sentry on"] = (
-            {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"},
-            args,
-            config,
+        variants["this, Sentry on"] = router(
+            {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"}
         )
     if args.two_upstreams:
-        variants["this, two upstreams"] = ({}, args, two_upstreams(config))
+        variants["this, two upstreams"] = router({}, two_upstreams(config))
     if args.redis_port:
-        variants["this, rate limit in process"] = (LIMIT, args, config)
+        variants["this, rate limit in process"] = router(LIMIT)
         redis_url = f"redis://127.0.0.1:{args.redis_port}/0"
-        variants["this, rate limit in Redis"] = (
-            {**LIMIT, "APIROUTER_REDIS_URL": redis_url},
-            args,
-            config,
-        )
+        variants["this, rate limit in Redis"] = router({**LIMIT, "APIROUTER_REDIS_URL": redis_url})
     if args.baseline:
         old = argparse.Namespace(**{**vars(args), "admin": False, "router_arg": []})
-        variants = {"baseline": ({"PYTHONPATH": args.baseline}, old, config), **variants}
+        variants = {"baseline": router({"PYTHONPATH": args.baseline}, config, old), **variants}
+    if args.nginx:
+        variants["nginx (reference)"] = functools.partial(
+            NginxProcess, upstream_port, config.parent
+        )
     rounds: dict[str, list] = {label: [] for label in variants}
-    for _ in range(args.rounds):  # alternate, fresh router each: clocks and neighbours drift
-        for label, (env, variant_args, variant_config) in variants.items():
-            rounds[label].append(cpu_round(variant_config, env, variant_args))
+    for _ in range(args.rounds):  # alternate, fresh process each: clocks and neighbours drift
+        for label, start in variants.items():
+            rounds[label].append(cpu_round(start, args))
     return [cpu_summary(label, results) for label, results in rounds.items()]
 
 
@@ -454,6 +513,9 @@ def main() -> None:
         "--redis",
         action="store_true",
         help="cpu mode: also rate limiting in process vs in a local redis-server",
+    )
+    parser.add_argument(
+        "--nginx", action="store_true", help="cpu mode: also nginx on the same load (reference)"
     )
     parser.add_argument("--no-admin", dest="admin", action="store_false", help="no --admin-port")
     parser.add_argument(
