@@ -99,8 +99,31 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-class RouterProcess:
-    """`apirouter serve` on core 0; `admin_port` is None when the router has no admin port."""
+class PinnedProcess:
+    """A proxy under test on core 0, listening on ``port``; its CPU time read from /proc."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def _start(self, command: list[str], **popen: Any) -> None:
+        self.process = subprocess.Popen(
+            command,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
+            **popen,
+        )
+        wait_listening(self.port)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+class RouterProcess(PinnedProcess):
+    """`apirouter serve`; `admin_port` is None when the router has no admin port."""
 
     def __init__(self, config: Path, env: dict[str, str], args: argparse.Namespace) -> None:
         self.port = free_port()
@@ -112,21 +135,7 @@ class RouterProcess:
         # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: the
         # router runs in the checkout whose package it must import, never in ours by chance
         source = env.get("PYTHONPATH", str(REPO))
-        self.process = subprocess.Popen(
-            command,
-            env={**os.environ, **env, "PYTHONPATH": source},
-            cwd=source,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-        )
-        wait_listening(self.port)
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=30)
+        self._start(command, env={**os.environ, **env, "PYTHONPATH": source}, cwd=source)
 
 
 NGINX_CONF = """
@@ -147,8 +156,8 @@ http {{
 """
 
 
-class NginxProcess:
-    """nginx in front of the same upstream, on core 0 like the router: the reference."""
+class NginxProcess(PinnedProcess):
+    """nginx in front of the same upstream (one worker, unbuffered): the reference."""
 
     def __init__(self, upstream_port: int, workdir: Path) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -159,19 +168,7 @@ class NginxProcess:
         config.write_text(
             NGINX_CONF.format(workdir=workdir, upstream_port=upstream_port, port=self.port)
         )
-        self.process = subprocess.Popen(
-            [nginx, "-c", str(config), "-p", str(workdir), "-e", "/dev/null"],
-            stderr=subprocess.DEVNULL,
-            preexec_fn=lambda: os.sched_setaffinity(0, {0}),
-        )
-        wait_listening(self.port)
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        self._start([nginx, "-c", str(config), "-p", str(workdir), "-e", "/dev/null"])
 
 
 # --- cpu mode -------------------------------------------------------------------------------
@@ -205,9 +202,7 @@ def load(port: int, total: int, connections: int, payload: bytes) -> list[float]
     return latencies
 
 
-def cpu_per_request(
-    router: RouterProcess | NginxProcess, total: int, connections: int, payload: bytes
-) -> float:
+def cpu_per_request(router: PinnedProcess, total: int, connections: int, payload: bytes) -> float:
     load(router.port, max(connections, total // 10), connections, payload)  # warm-up
     before = router.cpu()
     done = len(load(router.port, total, connections, payload))
@@ -249,9 +244,7 @@ def start_redis(port: int) -> subprocess.Popen:
 LIMIT = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "100000000", "RATE_LIMIT_BURST": "100000000"}
 
 
-def cpu_round(
-    start: Callable[[], RouterProcess | NginxProcess], args: argparse.Namespace
-) -> tuple[float, ...]:
+def cpu_round(start: Callable[[], PinnedProcess], args: argparse.Namespace) -> tuple[float, ...]:
     """One round on a fresh proxy: CPU per plain request, per 20-event stream."""
     router = start()
     try:
@@ -285,7 +278,7 @@ def cpu_mode(config: Path, upstream_port: int, args: argparse.Namespace) -> list
     ) -> Callable[[], RouterProcess]:
         return functools.partial(RouterProcess, variant_config, env, variant_args)
 
-    variants: dict[str, Callable[[], RouterProcess | NginxProcess]] = {"this": router({})}
+    variants: dict[str, Callable[[], PinnedProcess]] = {"this": router({})}
     if args.sentry:  # the upstream doubles as a Sentry ingest that accepts every envelope
         variants["this, Sentry on"] = router(
             {"SENTRY_DSN": f"http://public@127.0.0.1:{upstream_port}/1"}
