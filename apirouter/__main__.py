@@ -1,5 +1,5 @@
 """``python -m apirouter`` runs the CLI."""
 
-from apirouter.cli import main
+from apirouter.ops.cli import main
 
 main()

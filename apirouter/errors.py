@@ -37,7 +37,7 @@ keeps its own mapping table.
 
 Upstream 4xx responses are the client's business: passed through untouched and never an
 error here. httpx exceptions are translated into this tree in exactly one place,
-``apirouter.upstream.translate_httpx_error``.
+``apirouter.upstream.client.translate_httpx_error``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ watcher, the health checker and the metrics publisher start in each worker on it
 request, after the fork (``workers.PerProcess``), with or without ``--preload``.
 
 With ``APIROUTER_ADMIN_PORT`` set, the admin listener (/health, /health/ready, /metrics on
-their own thread, ``apirouter.admin``) starts when this module is imported, bound to all
+their own thread, ``apirouter.server.admin``) starts when this module is imported, bound to all
 interfaces, so probes answer however busy gunicorn's threads are (with several workers,
 the first one to import holds the port; the others log it and go on). SIGTERM handling
 is gunicorn's; the worker's handler is chained so that /health/ready answers 503 from that
@@ -27,11 +27,12 @@ import signal
 import threading
 from typing import Any
 
-from apirouter import gc_tuning, logs
-from apirouter.admin import AdminListener
-from apirouter.app import build
-from apirouter.settings import Settings, read_environment
-from apirouter.workers import PerProcess
+from apirouter.config.settings import Settings, read_environment
+from apirouter.observe import logs
+from apirouter.ops import gc_tuning
+from apirouter.ops.workers import PerProcess
+from apirouter.proxy.app import build
+from apirouter.server.admin import AdminListener
 
 settings = Settings.from_env(read_environment())
 logs.setup(settings.log_format, settings.log_level)

@@ -17,10 +17,10 @@ from harness import RedisServer, Router, free_port, serving, write_config
 from pytest_httpserver import HTTPServer
 from sentry_wire import Ingest
 
-from apirouter import logs, tracking
-from apirouter.app import App
-from apirouter.config import load_file
-from apirouter.settings import Settings
+from apirouter.config.provider import load_file
+from apirouter.config.settings import Settings
+from apirouter.observe import logs, tracking
+from apirouter.proxy.app import App
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from typing import Any
 
 from clocks import wait_until
 
-from apirouter import server
-from apirouter.app import App
+from apirouter.proxy.app import App
+from apirouter.server import channel
+from apirouter.server import runner as server
 
 SECRET_CLIENT_KEY = "sk-client-SECRET-0123456789abcdefghijklmnop"
 
@@ -62,7 +63,7 @@ def running(app: App, threads: int | None = 16) -> Iterator[tuple[Any, threading
 def serving(app: App, threads: int = 16) -> Iterator[str]:
     """Run the app on the embedded server on a free loopback port; yield its URL."""
     with running(app, threads) as (http_server, _):
-        yield server.listen_urls(http_server)[0]
+        yield channel.listen_urls(http_server)[0]
 
 
 def write_config(path: Path, document: dict[str, Any]) -> Path:

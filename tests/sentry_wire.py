@@ -15,7 +15,7 @@ from clocks import wait_until
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from apirouter import tracking
+from apirouter.observe import tracking
 
 DSN_SECRET = "0123456789abcdef0123456789abcdef"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from clocks import FakeClock, run_concurrently
 
-from apirouter.alerting import REPEATED_FAILURES, Failure, FailureTracker
+from apirouter.state.alerting import REPEATED_FAILURES, Failure, FailureTracker
 
 
 def fail(tracker, provider="p", n=1, request_id="r"):

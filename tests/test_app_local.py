@@ -11,7 +11,8 @@ import httpx
 import pytest
 from upstream_fakes import CHAT_COMPLETION
 
-from apirouter import __version__, logs
+from apirouter import __version__
+from apirouter.observe import logs
 
 CHAT = "/v1/chat/completions"
 

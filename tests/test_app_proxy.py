@@ -12,8 +12,8 @@ from clocks import wait_until
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, chat_stream, sse_response
 from werkzeug import Request, Response
 
-from apirouter.firedrill import refused_base_url
-from apirouter.relay import HEARTBEAT
+from apirouter.ops.firedrill import refused_base_url
+from apirouter.proxy.relay import HEARTBEAT
 
 CHAT = "/v1/chat/completions"
 

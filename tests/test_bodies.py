@@ -29,8 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
-from apirouter import inbound
-from apirouter.inbound import REPLAYABLE_BYTES, Incoming, multipart_stream, open_body
+from apirouter.proxy import inbound
+from apirouter.proxy.inbound import REPLAYABLE_BYTES, Incoming, multipart_stream, open_body
 
 MB = 1024 * 1024
 PIECE = 64 * 1024

@@ -12,8 +12,8 @@ import pytest
 from clocks import wait_until
 from upstream_fakes import chat_chunk, sse_response
 
-from apirouter.capacity import CapacityGate, readiness
 from apirouter.errors import OverCapacity
+from apirouter.proxy.capacity import CapacityGate, readiness
 
 CHAT = "/v1/chat/completions"
 

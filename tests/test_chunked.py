@@ -16,8 +16,9 @@ import pytest
 import trustme
 from upstream_fakes import RawUpstream
 
-from apirouter import chunked, errors
-from apirouter.upstream import Upstream, iter_raw, watch_idle
+from apirouter import errors
+from apirouter.upstream import chunked
+from apirouter.upstream.client import Upstream, iter_raw, watch_idle
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENTS = [b'data: {"i": %d}\n\n' % i for i in range(4)] + [b"data: [DONE]\n\n"]

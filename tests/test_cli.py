@@ -18,7 +18,7 @@ from sentry_wire import DSN_SECRET
 from typer.testing import CliRunner
 
 from apirouter import __version__
-from apirouter.cli import cli
+from apirouter.ops.cli import cli
 
 runner = CliRunner()
 CLEAN_ENV = {
@@ -486,7 +486,7 @@ def test_serve_help_examples_are_indented_like_the_others():
 
 
 def test_serve_help_lists_the_environment_variables():
-    from apirouter.settings import VARIABLES
+    from apirouter.config.settings import VARIABLES
 
     output = invoke("serve", "--help", env={"COLUMNS": "200"}).output
     for variable in VARIABLES:
@@ -524,8 +524,8 @@ def test_log_level_must_be_a_known_level():
 
 
 def test_log_level_choices_match_the_settings():
-    from apirouter.cli import LogLevel
-    from apirouter.settings import LOG_LEVELS
+    from apirouter.config.settings import LOG_LEVELS
+    from apirouter.ops.cli import LogLevel
 
     assert tuple(level.value for level in LogLevel) == LOG_LEVELS
 
@@ -549,7 +549,7 @@ def test_show_config_unknown_provider_is_a_usage_error():
 def test_gc_tuning_freezes_what_start_up_built():
     """In a process of its own: it changes the collector for the whole process."""
     code = (
-        "import gc; from apirouter import gc_tuning; gc_tuning.tune(); "
+        "import gc; from apirouter.ops import gc_tuning; gc_tuning.tune(); "
         "print(gc.get_freeze_count() > 1000, gc.get_count()[0] < 100)"
     )
     result = subprocess.run(

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from apirouter.cli import cli
+from apirouter.ops.cli import cli
 
 runner = CliRunner()
 SECRET = "s3cret-redis-password"

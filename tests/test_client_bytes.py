@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug import Request, Response
 
-from apirouter.app import MAX_URL_BYTES
-from apirouter.config import load
-from apirouter.forward import upstream_url
+from apirouter.config.provider import load
+from apirouter.proxy.app import MAX_URL_BYTES
+from apirouter.proxy.forward import upstream_url
 
 CHAT = "/v1/chat/completions"
 OK = {"id": "c", "object": "chat.completion", "choices": []}

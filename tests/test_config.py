@@ -12,7 +12,14 @@ from harness import write_config
 from upstream_fakes import CHAT_COMPLETION
 from werkzeug import Request, Response
 
-from apirouter.config import ConfigInvalid, ConfigStore, load, load_file, parse, shipped_providers
+from apirouter.config.provider import (
+    ConfigInvalid,
+    ConfigStore,
+    load,
+    load_file,
+    parse,
+    shipped_providers,
+)
 
 SHIPPED = [
     "anthropic",

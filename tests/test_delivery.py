@@ -20,11 +20,11 @@ from clocks import FakeClock, wait_until
 from harness import SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY
 from sentry_wire import DSN_SECRET, Envelope, decode_envelope
 
-from apirouter import delivery, tracking
-from apirouter.alerting import Alert, Recovery
-from apirouter.delivery import RetryPolicy
-from apirouter.eventcap import EventCap
-from apirouter.settings import Settings
+from apirouter.config.settings import Settings
+from apirouter.observe import delivery, tracking
+from apirouter.observe.delivery import RetryPolicy
+from apirouter.observe.eventcap import EventCap
+from apirouter.state.alerting import Alert, Recovery
 
 CHAT = "/v1/chat/completions"
 FAST_RETRY = RetryPolicy(give_up_after=5.0, first_backoff=0.05, max_backoff=0.2)

@@ -7,9 +7,9 @@ import json
 import pytest
 from harness import write_config
 
-from apirouter import diagnostics
-from apirouter.config import DEFAULT_PROVIDER, parse
-from apirouter.diagnostics import EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS, UsageError
+from apirouter.config.provider import DEFAULT_PROVIDER, parse
+from apirouter.ops import diagnostics
+from apirouter.ops.diagnostics import EXIT_ERRORS, EXIT_OK, EXIT_WARNINGS, UsageError
 
 
 def paths(problems, severity):
@@ -109,7 +109,7 @@ def test_shipped_config_is_the_json_of_the_shipped_file():
 
 
 def test_literal_keys_and_unset_key_variables_are_warned_about():
-    from apirouter.settings import Settings
+    from apirouter.config.settings import Settings
 
     config = parse(
         json.dumps(

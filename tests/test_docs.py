@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from harness import doc_blocks, run_bash
 
-from apirouter.config import load, shipped_providers
-from apirouter.metrics import Metrics
-from apirouter.settings import VARIABLES
+from apirouter.config.provider import load, shipped_providers
+from apirouter.config.settings import VARIABLES
+from apirouter.observe.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "SENTRY.md"]

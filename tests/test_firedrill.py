@@ -6,10 +6,10 @@ import httpx
 import pytest
 from sentry_wire import DSN_SECRET
 
-from apirouter import firedrill
-from apirouter.diagnostics import UsageError
-from apirouter.firedrill import DrillOptions
-from apirouter.settings import Settings, SettingsError
+from apirouter.config.settings import Settings, SettingsError
+from apirouter.ops import firedrill
+from apirouter.ops.diagnostics import UsageError
+from apirouter.ops.firedrill import DrillOptions
 
 
 class StepLog:

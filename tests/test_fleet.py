@@ -25,8 +25,8 @@ from harness import RedisServer, free_port, write_config
 from prometheus_client.parser import text_string_to_metric_families
 from sentry_wire import Ingest
 
-from apirouter.alerting import RECOVERED, REPEATED_FAILURES
-from apirouter.tracking import REDIS_RECOVERED, REDIS_UNAVAILABLE
+from apirouter.observe.tracking import REDIS_RECOVERED, REDIS_UNAVAILABLE
+from apirouter.state.alerting import RECOVERED, REPEATED_FAILURES
 
 CHAT = "/v1/chat/completions"
 COMPLETION = {"id": "c", "object": "chat.completion", "choices": []}

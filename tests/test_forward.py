@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from apirouter.config import load
-from apirouter.forward import upstream_headers
+from apirouter.config.provider import load
+from apirouter.proxy.forward import upstream_headers
 
 
 def test_hop_by_hop_headers_are_never_forwarded():

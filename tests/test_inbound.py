@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apirouter.errors import BadRequest
-from apirouter.inbound import client_key, multipart_body
+from apirouter.proxy.inbound import client_key, multipart_body
 
 BOUNDARY = "----b0und4ry"
 
@@ -51,7 +51,7 @@ def test_client_key_sources():
 def test_include_usage_is_spliced_into_streaming_requests_that_do_not_ask():
     import json
 
-    from apirouter.inbound import json_body
+    from apirouter.proxy.inbound import json_body
 
     raw = (
         b' {"model": "fast", "stream": true, "messages": [{"role": "user", "content": "\\ud800"}]}'

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from upstream_fakes import RawUpstream
 
-from apirouter.upstream import Upstream
+from apirouter.upstream.client import Upstream
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from clocks import FakeClock, run_concurrently
 
-from apirouter.config import RateLimit
-from apirouter.ratelimit import RateLimiter
+from apirouter.config.provider import RateLimit
+from apirouter.state.ratelimit import RateLimiter
 
 
 def test_burst_then_refill_at_rpm_over_60():

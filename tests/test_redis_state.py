@@ -11,10 +11,11 @@ import time
 import pytest
 from clocks import FakeClock, run_concurrently
 
-from apirouter.alerting import Failure, FailureTracker
-from apirouter.config import RateLimit
-from apirouter.ratelimit import RateLimiter
-from apirouter.redis_state import (
+from apirouter.config.provider import RateLimit
+from apirouter.config.settings import Settings, SettingsError
+from apirouter.state.alerting import Failure, FailureTracker
+from apirouter.state.ratelimit import RateLimiter
+from apirouter.state.redis_backend import (
     Keys,
     RedisFailureTracker,
     RedisLink,
@@ -22,7 +23,6 @@ from apirouter.redis_state import (
     client,
     ping,
 )
-from apirouter.settings import Settings, SettingsError
 
 PREFIX = "test:"
 
@@ -288,7 +288,7 @@ def test_prefix_with_braces_is_rejected():
 
 def test_without_a_redis_url_redis_is_never_imported(tmp_path):
     script = (
-        "import sys; from apirouter.app import App; from apirouter import cli, wsgi; "
+        "import sys; from apirouter.proxy.app import App; from apirouter import wsgi; from apirouter.ops import cli; "
         "print('redis' in sys.modules)"
     )
     result = subprocess.run(

@@ -17,8 +17,8 @@ from harness import write_config
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, sse_response
 from werkzeug import Request, Response
 
-from apirouter.config import ConfigInvalid, parse
-from apirouter.firedrill import refused_base_url
+from apirouter.config.provider import ConfigInvalid, parse
+from apirouter.ops.firedrill import refused_base_url
 
 CHAT = "/v1/chat/completions"
 BACKUP_KEY = "sk-backup-operator-key-0123456789"
@@ -540,8 +540,8 @@ def test_failures_while_cooling_do_not_stretch_the_cooldown(make_router, httpser
     assert hits(httpserver, "/bad/") == 3
     reporter = router.app.reporter
     # two more failures of the cooling upstream arrive late (requests that were in flight)
-    from apirouter.alerting import Failure
-    from apirouter.breakers import Target
+    from apirouter.state.alerting import Failure
+    from apirouter.state.breakers import Target
 
     config_now = router.app.store.current
     late = Target(config_now, config_now.upstreams[0])

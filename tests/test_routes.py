@@ -12,8 +12,8 @@ import pytest
 from harness import write_config
 from werkzeug import Request, Response
 
-from apirouter import diagnostics
-from apirouter.config import ConfigInvalid, parse
+from apirouter.config.provider import ConfigInvalid, parse
+from apirouter.ops import diagnostics
 
 BASE = "https://x.example/v1"
 

@@ -13,8 +13,9 @@ from clocks import wait_until
 from harness import running
 from upstream_fakes import chat_stream, sse_response
 
-from apirouter import server
-from apirouter.settings import Settings
+from apirouter.config.settings import Settings
+from apirouter.server import channel
+from apirouter.server import runner as server
 
 CHAT = "/v1/chat/completions"
 
@@ -37,10 +38,10 @@ def test_serve_options_override_the_environment():
 
 
 def test_overdue_allows_time_for_bodies_in_proportion_to_their_size():
-    assert not server.overdue(None, 0, 1000.0, 1.0)  # nothing arriving
-    assert not server.overdue(10.0, 0, 10.9, 1.0)
-    assert server.overdue(10.0, 0, 11.1, 1.0)
-    assert not server.overdue(10.0, 10 * server.BODY_ALLOWANCE_BYTES, 20.0, 1.0)
+    assert not channel.overdue(None, 0, 1000.0, 1.0)  # nothing arriving
+    assert not channel.overdue(10.0, 0, 10.9, 1.0)
+    assert channel.overdue(10.0, 0, 11.1, 1.0)
+    assert not channel.overdue(10.0, 10 * channel.BODY_ALLOWANCE_BYTES, 20.0, 1.0)
 
 
 def read_until_closed(connection: socket.socket, timeout: float = 10.0) -> bytes:
@@ -126,7 +127,7 @@ def test_admin_listener_answers_probes_while_every_worker_is_busy(app_with_admin
 
     httpserver.expect_request(CHAT).respond_with_handler(stall)
     with running(app_with_admin, threads=1) as (http_server, _):
-        main = server.listen_urls(http_server)[0]
+        main = channel.listen_urls(http_server)[0]
         admin = http_server.admin.url
         worker = threading.Thread(
             target=httpx.post, args=(main + CHAT,), kwargs={"json": {"model": "m"}, "timeout": 10}
@@ -156,7 +157,7 @@ def test_shutdown_turns_ready_to_503_while_a_stream_finishes(app_with_admin, htt
 
     httpserver.expect_request(CHAT).respond_with_response(sse_response(held()))
     with running(app_with_admin) as (http_server, stopping):
-        main = server.listen_urls(http_server)[0]
+        main = channel.listen_urls(http_server)[0]
         admin = http_server.admin.url
         with httpx.stream(
             "POST", main + CHAT, json={"model": "m", "stream": True}, timeout=10
@@ -180,7 +181,7 @@ def test_a_response_larger_than_the_output_watermark_is_not_left_hanging():
         start_response("200 OK", [("Content-Length", str(len(piece) * count))])
         return (piece for _ in range(count))
 
-    http_server = server.build_server(
+    http_server = channel.build_server(
         app, "127.0.0.1", 0, 2, 10, 30.0, lambda: None, outbuf_high_watermark=65536
     )
     port = int(http_server.effective_port)
@@ -201,12 +202,12 @@ def test_a_response_larger_than_the_output_watermark_is_not_left_hanging():
         assert received == len(piece) * count
         connection.close()
     finally:
-        server.close_server(http_server)
+        channel.close_server(http_server)
         thread.join(timeout=5)
 
 
 def test_waitress_body_limit_stays_above_every_route_limit(tmp_path):
-    from apirouter.config import load_file
+    from apirouter.config.provider import load_file
 
     path = tmp_path / "p.json"
     path.write_text(

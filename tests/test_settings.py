@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apirouter import __version__
-from apirouter.settings import VARIABLES, Settings, SettingsError, read_environment
+from apirouter.config.settings import VARIABLES, Settings, SettingsError, read_environment
 
 
 def test_defaults():

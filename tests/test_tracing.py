@@ -17,12 +17,12 @@ from sentry_wire import DSN_SECRET, Ingest
 from upstream_fakes import CHAT_COMPLETION, chat_chunk, sse_response
 from werkzeug import Request, Response
 
-from apirouter import traces, tracking
-from apirouter.breakers import Target
-from apirouter.config import load
-from apirouter.context import Outcome, RequestContext
-from apirouter.firedrill import refused_base_url
-from apirouter.usage import Usage
+from apirouter.config.provider import load
+from apirouter.observe import traces, tracking
+from apirouter.observe.context import Outcome, RequestContext
+from apirouter.observe.usage import Usage
+from apirouter.ops.firedrill import refused_base_url
+from apirouter.state.breakers import Target
 
 CHAT = "/v1/chat/completions"
 PROMPT = "PROMPT-CANARY-the-user-typed-this"
@@ -316,7 +316,7 @@ def test_transactions_never_crowd_error_events_out_of_the_queue(sentry, ingest):
     then 400 error events arrive: transactions get half the queue, every event still fits."""
     import sentry_sdk
 
-    from apirouter import delivery
+    from apirouter.observe import delivery
 
     release = threading.Event()
     ingest.answer = lambda envelope: (release.wait(10), (200, None))[1]

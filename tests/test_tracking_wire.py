@@ -15,9 +15,9 @@ from harness import SECRET_CLIENT_KEY, SECRET_DEFAULT_KEY
 from sentry_wire import DSN_SECRET
 from werkzeug import Request, Response
 
-from apirouter.firedrill import refused_base_url
-from apirouter.keys import anonymize
-from apirouter.upstream import Upstream
+from apirouter.observe.keys import anonymize
+from apirouter.ops.firedrill import refused_base_url
+from apirouter.upstream.client import Upstream
 
 CHAT = "/v1/chat/completions"
 
@@ -102,8 +102,8 @@ def test_upstream_503_and_timeout_events(sentry, make_router, httpserver, ingest
 
 
 def test_unhandled_exception_is_captured_with_its_traceback(sentry, tmp_path, ingest):
-    from apirouter.app import App
-    from apirouter.config import load
+    from apirouter.config.provider import load
+    from apirouter.proxy.app import App
 
     class ExplodingTransport(httpx.BaseTransport):
         def handle_request(self, request):

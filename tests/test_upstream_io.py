@@ -10,8 +10,9 @@ import httpx
 import pytest
 from werkzeug import Request, Response
 
-from apirouter import errors, upstream
-from apirouter.upstream import Upstream, WatchedStream
+from apirouter import errors
+from apirouter.upstream import client as upstream
+from apirouter.upstream.client import Upstream, WatchedStream
 
 
 class RecordingStream(httpcore.NetworkStream):

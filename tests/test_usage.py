@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apirouter.usage import Usage, UsageReader, counts
+from apirouter.observe.usage import Usage, UsageReader, counts
 
 
 def sse(*documents: dict | str) -> bytes:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from apirouter.workers import forget_exited_workers
+from apirouter.ops.workers import forget_exited_workers
 
 
 def test_exited_workers_lose_their_live_gauges_but_keep_their_counts(tmp_path):

@@ -19,8 +19,8 @@ from clocks import wait_until
 from harness import doc_blocks, run_bash
 from werkzeug import Request, Response
 
-from apirouter.firedrill import refused_base_url
-from apirouter.keys import anonymize
+from apirouter.observe.keys import anonymize
+from apirouter.ops.firedrill import refused_base_url
 
 pytestmark = pytest.mark.e2e
 

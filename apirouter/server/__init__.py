@@ -1,0 +1,2 @@
+"""The embedded server: waitress, hardened (``protocol``, ``channel``), run and stopped
+gracefully (``runner``), plus the admin listener for probes and scraping."""
