@@ -38,10 +38,11 @@ from typing import Any
 import httpx
 import sentry_sdk
 from sentry_sdk.envelope import Envelope, Item
-from sentry_sdk.transport import HttpTransport, Transport
+from sentry_sdk.transport import Transport
 from sentry_sdk.utils import Dsn, capture_internal_exceptions
 
 from apirouter.observe.eventcap import EventCap, Group
+from apirouter.observe.sentry_internals import HookedTransport
 
 log = logging.getLogger("apirouter.tracking")
 
@@ -305,7 +306,7 @@ def _is_transaction(envelope: Envelope) -> bool:
     return any(item.data_category == "transaction" for item in envelope.items)
 
 
-class RouterTransport(HttpTransport):
+class RouterTransport(HookedTransport):
     """The SDK's HTTP transport, with alerts on their own path and every lost event counted."""
 
     def __init__(self, options: dict[str, Any], delivery: Delivery) -> None:
@@ -333,12 +334,11 @@ class RouterTransport(HttpTransport):
         def send() -> None:
             try:
                 with capture_internal_exceptions():
-                    self._send_envelope(envelope)
-                    self._flush_client_reports()
+                    self.send_now(envelope)
             finally:
                 self._count_queued(-events, -traced)
 
-        if not self._worker.submit(send):
+        if not self.submit(send):
             self._count_queued(-events, -traced)
             self._overflowed(envelope)
 
@@ -374,24 +374,20 @@ class RouterTransport(HttpTransport):
             self.delivery.stats.failed(ours)
             self.delivery.stats.dropped(ours, quantity if item is None else 1)
 
-    def _handle_response(self, response: Any, envelope: Envelope | None) -> None:
+    def handle_response(self, response: Any, envelope: Envelope | None) -> None:
         reason = failure_reason(response.status)
         if reason is None:
             self.delivery.stats.accepted()
         else:  # the SDK counts these as network_error, or (429) not at all
             self.delivery.stats.failed(reason)
             self.delivery.stats.dropped(reason, _events_in(envelope))
-        super()._handle_response(response, envelope)
+        super().handle_response(response, envelope)
 
-    def _send_request(
-        self,
-        body: bytes,
-        headers: dict[str, str],
-        endpoint_type: Any,
-        envelope: Envelope | None = None,
+    def send_request(
+        self, body: bytes, headers: dict[str, str], endpoint_type: Any, envelope: Envelope | None
     ) -> None:
         try:
-            super()._send_request(body, headers, endpoint_type, envelope)
+            super().send_request(body, headers, endpoint_type, envelope)
         except Exception:
             self.delivery.stats.failed("network")
             self.delivery.stats.dropped("network", _events_in(envelope))

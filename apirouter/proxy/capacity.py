@@ -29,13 +29,13 @@ R = TypeVar("R")
 class Slot:
     """One admitted request's hold on the gate. ``release`` is idempotent."""
 
-    __slots__ = ("_gate", "_key", "_released", "_stream")
+    __slots__ = ("_gate", "_key", "_released", "_streaming")
 
     def __init__(self, gate: CapacityGate, key: str) -> None:
         self._gate = gate
         self._key = key
         self._released = False
-        self._stream = False
+        self._streaming = False
 
     def mark_stream(self) -> None:
         """Count this request as a relayed stream until it is released."""
@@ -98,8 +98,8 @@ class CapacityGate:
 
     def _mark_stream(self, slot: Slot) -> None:
         with self._lock:
-            if not slot._released and not slot._stream:
-                slot._stream = True
+            if not slot._released and not slot._streaming:
+                slot._streaming = True
                 self._streams += 1
 
     def _release(self, slot: Slot) -> None:
@@ -108,7 +108,7 @@ class CapacityGate:
                 return
             slot._released = True
             self._in_flight -= 1
-            self._streams -= slot._stream
+            self._streams -= slot._streaming
             left = self._by_key[slot._key] - 1
             if left:
                 self._by_key[slot._key] = left

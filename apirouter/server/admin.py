@@ -23,6 +23,7 @@ from waitress import wasyncore
 from apirouter.errors import NotFound
 from apirouter.proxy.app import App
 from apirouter.server.channel import LOOP_SECONDS, build_server, close_server, listen_urls
+from apirouter.server.waitress_internals import socket_map
 
 ADMIN_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 ADMIN_THREADS = 2
@@ -67,9 +68,9 @@ class AdminListener:
         return self
 
     def _loop(self) -> None:
-        socket_map = getattr(self.server, "map", None) or self.server._map
+        loop_map = socket_map(self.server)
         while not self._stopping.is_set():
-            wasyncore.loop(timeout=LOOP_SECONDS, map=socket_map, use_poll=True, count=1)
+            wasyncore.loop(timeout=LOOP_SECONDS, map=loop_map, use_poll=True, count=1)
 
     def stop(self) -> None:
         self._stopping.set()

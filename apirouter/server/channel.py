@@ -22,6 +22,7 @@ from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
 from apirouter.server.protocol import RouterChannel
+from apirouter.server.waitress_internals import socket_map
 
 BODY_ALLOWANCE_BYTES = 64 * 1024  # one more second of header timeout per 64 KB received
 MAINTENANCE_SECONDS = 1.0
@@ -164,7 +165,7 @@ class GuardedChannel(RouterChannel):
             if self.total_outbufs_len:
                 self.server.pull_trigger()
 
-    def _flush_outbufs_below_high_watermark(self) -> None:
+    def wait_below_watermark(self) -> None:
         """Wait (a worker, in ``write_soon``) until the unsent bytes fall below the
         watermark; the main loop must see the socket as writable meanwhile.
 
@@ -174,7 +175,7 @@ class GuardedChannel(RouterChannel):
         """
         writing, self.worker_writing = self.worker_writing, False
         try:
-            super()._flush_outbufs_below_high_watermark()
+            super().wait_below_watermark()
         finally:  # waitress also calls it between pipelined requests, outside write_soon
             self.worker_writing = writing
 
@@ -216,11 +217,11 @@ class GuardedServer(TcpWSGIServer):
         took a thousand turns, quadratic work that delayed every first byte by seconds.
         """
         for _ in range(ACCEPT_BATCH):
-            before = len(self._map)
+            before = len(socket_map(self))
             if before >= self.adj.connection_limit:
                 return
             super().handle_accept()
-            if len(self._map) == before:  # nothing was waiting (or accept failed)
+            if len(socket_map(self)) == before:  # nothing was waiting (or accept failed)
                 return
 
     def maintenance(self, now: float) -> None:
@@ -322,4 +323,4 @@ def listen_urls(server: AnyServer) -> list[str]:
 def close_server(server: AnyServer) -> None:
     """Close a server that never ran (its threads and sockets)."""
     server.task_dispatcher.shutdown(timeout=1)
-    wasyncore.close_all(getattr(server, "map", None) or server._map)
+    wasyncore.close_all(socket_map(server))

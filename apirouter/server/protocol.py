@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
 from waitress.utilities import Error
+
+from apirouter.server.waitress_internals import WatermarkChannel
 
 
 class JsonProtocolError(Error):
@@ -57,7 +58,7 @@ class StrictRequestParser(HTTPRequestParser):
         return consumed
 
 
-class RouterChannel(HTTPChannel):
+class RouterChannel(WatermarkChannel):
     """waitress's connection handler with the strict parser."""
 
     parser_class: Any = StrictRequestParser

@@ -44,6 +44,7 @@ from apirouter.server.channel import (
     build_server,
     close_server,
 )
+from apirouter.server.waitress_internals import socket_map
 
 log = logging.getLogger("apirouter.server")
 CONFIG_POLL_SECONDS = 1.0
@@ -190,20 +191,20 @@ def run(
     admin = getattr(server, "admin", None)
     if admin is not None:
         admin.start()
-    socket_map = getattr(server, "map", None) or server._map
+    loop_map = socket_map(server)
     on_ready()
     try:
         while not stopping.is_set():
-            wasyncore.loop(timeout=LOOP_SECONDS, map=socket_map, use_poll=True, count=1)
+            wasyncore.loop(timeout=LOOP_SECONDS, map=loop_map, use_poll=True, count=1)
         _drain(app, stopping)
         log.info("shutting down: no new connections; waiting for requests in flight")
-        _stop_listening(socket_map)
+        _stop_listening(loop_map)
         deadline = time.monotonic() + app.settings.shutdown_grace
         while app.reporter.in_flight > 0 and time.monotonic() < deadline:
-            wasyncore.loop(timeout=0.1, map=socket_map, use_poll=True, count=1)
+            wasyncore.loop(timeout=0.1, map=loop_map, use_poll=True, count=1)
     finally:
         server.task_dispatcher.shutdown(timeout=1)
-        wasyncore.close_all(socket_map)
+        wasyncore.close_all(loop_map)
         app.close()
         tracking.flush()
         if admin is not None:

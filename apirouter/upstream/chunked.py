@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
 
 import h11
 import httpx
+
+from apirouter.upstream.httpcore_internals import h11_connection
+from apirouter.upstream.httpx_internals import httpcore_stream
 
 MAX_LINE = 16 * 1024  # a chunk-size or trailer line (h11's default limit)
 MAX_TRAILERS = 64 * 1024
@@ -65,12 +67,7 @@ def lean_body(response: httpx.Response, read: Read) -> Iterator[bytes] | None:
 def _h11_connection(response: httpx.Response) -> h11.Connection | None:
     """The h11 state machine of the connection ``response`` arrived on, if it is reachable:
     httpx's response stream → httpcore's pool stream → the HTTP/1.1 connection."""
-    stream: Any = response.stream
-    for attribute in ("_stream", "_httpcore_stream", "_stream", "_connection", "_h11_state"):
-        stream = getattr(stream, attribute, None)
-        if stream is None:
-            return None
-    return stream if isinstance(stream, h11.Connection) else None
+    return h11_connection(httpcore_stream(response))
 
 
 def _body(connection: h11.Connection, read: Read) -> Iterator[bytes]:

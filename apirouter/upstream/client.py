@@ -35,6 +35,8 @@ import httpx
 
 from apirouter import errors
 from apirouter.upstream import chunked
+from apirouter.upstream.httpcore_internals import pool_ssl_context
+from apirouter.upstream.httpx_internals import replace_transport_pool, transport_pool
 from apirouter.upstream.pool import LeanPool
 
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -419,14 +421,14 @@ class WatchedTransport(httpx.HTTPTransport):
 
     def __init__(self, keepalive_connections: int) -> None:
         super().__init__()
-        ssl_context = self._pool._ssl_context
-        self._pool = LeanPool(
-            ssl_context=ssl_context,
+        pool = LeanPool(
+            ssl_context=pool_ssl_context(transport_pool(self)),
             max_connections=None,
             max_keepalive_connections=keepalive_connections,
             keepalive_expiry=httpx.Limits(max_connections=None).keepalive_expiry,
             network_backend=WatchedBackend(),
         )
+        replace_transport_pool(self, pool)
 
 
 def watch_idle(

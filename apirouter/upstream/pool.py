@@ -25,6 +25,8 @@ from typing import Any
 
 import httpcore
 
+from apirouter.upstream.httpcore_internals import PoolBase
+
 SWEEP_SECONDS = 1.0
 
 
@@ -42,14 +44,14 @@ class _Requests(list[Any]):
             self._on_removed(request)
 
 
-class LeanPool(httpcore.ConnectionPool):
+class LeanPool(PoolBase):
     """httpcore's pool with O(1) work per request (plus a sweep a second)."""
 
     def __init__(self, **kwargs: Any) -> None:
         if kwargs.setdefault("max_connections", None) is not None:
             raise ValueError("LeanPool never makes a request wait: max_connections must be None")
         super().__init__(**kwargs)
-        self._requests = _Requests(self._released)
+        self.requests = _Requests(self._released)
         self._reusable: defaultdict[tuple[bytes, bytes, int], list[Any]] = defaultdict(list)
         self._idle: dict[Any, None] = {}  # released and usable, oldest first
         self._to_close: list[Any] = []  # closed by the next call that may do I/O
@@ -62,22 +64,22 @@ class LeanPool(httpcore.ConnectionPool):
         if connection.is_available():
             self._idle.pop(connection, None)
             self._idle[connection] = None
-            while len(self._idle) > self._max_keepalive_connections:  # the oldest go
+            while len(self._idle) > self.max_keepalive:  # the oldest go
                 oldest = next(iter(self._idle))
                 self._drop(oldest, self._to_close)
 
-    def _assign_requests_to_connections(self) -> list[Any]:
+    def assign_requests_to_connections(self) -> list[Any]:
         closing, self._to_close = self._to_close, []
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + SWEEP_SECONDS
             closing += self._sweep()
-        for request in [r for r in self._requests if r.connection is None]:
+        for request in [r for r in self.requests if r.connection is None]:
             origin = request.request.url.origin
             connection = self._reusable_connection(origin, closing)
             if connection is None:
                 connection = self.create_connection(origin)
-                self._connections.append(connection)
+                self.connections.append(connection)
             request.assign_to_connection(connection)
         return closing
 
@@ -97,8 +99,8 @@ class LeanPool(httpcore.ConnectionPool):
 
     def _drop(self, connection: Any, closing: list[Any]) -> None:
         self._idle.pop(connection, None)
-        if connection in self._connections:
-            self._connections.remove(connection)
+        if connection in self.connections:
+            self.connections.remove(connection)
             closing.append(connection)
 
     def _sweep(self) -> list[Any]:
@@ -108,8 +110,8 @@ class LeanPool(httpcore.ConnectionPool):
         closing: list[Any] = []
         kept: list[Any] = []
         idle: list[Any] = []
-        held = {id(r.connection) for r in self._requests if r.connection is not None}
-        for connection in self._connections:
+        held = {id(r.connection) for r in self.requests if r.connection is not None}
+        for connection in self.connections:
             if connection.is_closed():
                 continue
             if id(connection) in held:
@@ -120,12 +122,12 @@ class LeanPool(httpcore.ConnectionPool):
                 idle.append(connection)
             else:
                 kept.append(connection)
-        surplus = max(0, len(idle) - self._max_keepalive_connections)
+        surplus = max(0, len(idle) - self.max_keepalive)
         closing += idle[:surplus]
         idle = idle[surplus:]
-        self._connections = kept + idle
+        self.connections = kept + idle
         self._idle = {connection: None for connection in idle}
-        alive = set(self._connections)
+        alive = set(self.connections)
         for origin, candidates in list(self._reusable.items()):
             candidates[:] = [c for c in dict.fromkeys(candidates) if c in alive]
             if not candidates:
