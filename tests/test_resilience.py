@@ -167,9 +167,10 @@ def test_a_429_parks_its_upstream_and_is_not_retried_there(make_router, httpserv
         httpserver, httpserver.url_for("/busy/v1"), httpserver.url_for("/good/v1")
     )
     router = make_router(config, clock=clock)
-    for _ in range(20):
-        assert chat(router).status_code == 200
-    assert hits(httpserver, "/busy/") <= 1  # parked for 7 s after its first 429
+    # both upstreams carry the same (no) key: the 429 goes back, and parks "busy" for 7 s
+    statuses = [chat(router).status_code for _ in range(20)]
+    assert statuses.count(429) == hits(httpserver, "/busy/") <= 1
+    assert statuses.count(200) >= 19
     clock.now += 8
     for _ in range(20):
         chat(router)

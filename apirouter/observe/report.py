@@ -28,6 +28,7 @@ from apirouter.observe.redis_events import RedisEventReporter
 from apirouter.state import backends as state
 from apirouter.state.alerting import Alert, Failure, Recovery
 from apirouter.state.breakers import Breakers, State, Target
+from apirouter.state.scopes import ScopeTable
 
 log = logging.getLogger("apirouter.report")
 MAX_KEYS = 1000  # distinct client keys counted per process with APIROUTER_METRICS_PER_KEY
@@ -52,7 +53,8 @@ class Reporter:
         events = RedisEventReporter(self.metrics, tracking_enabled)
         self.state = state.build(settings, events, clock=clock)
         self.tracker = self.state.tracker
-        self.breakers = Breakers(clock)
+        scopes = ScopeTable(settings.alert_threshold, settings.alert_window_seconds)
+        self.breakers = Breakers(clock, scopes=scopes)
         self.metrics_per_key = settings.metrics_per_key
         self._tokens: dict[str, dict[str, int]] = {}
         self._keys_seen: set[str] = set()
@@ -305,12 +307,22 @@ class Reporter:
         for provider in (config, *config.fallbacks):
             for upstream in provider.upstreams:
                 key = Target(provider, upstream).key
-                self.metrics.upstream_state.labels(provider.name, upstream.name).set_function(
+                labels = (provider.name, upstream.name)
+                self.metrics.upstream_state.labels(*labels).set_function(
                     functools.partial(self._state_of, key)
+                )
+                self.metrics.upstream_parked.labels(*labels).set_function(
+                    functools.partial(self._scopes_of, key, 0)
+                )
+                self.metrics.upstream_cooling.labels(*labels).set_function(
+                    functools.partial(self._scopes_of, key, 1)
                 )
 
     def _state_of(self, key: str) -> float:
         return float(self.breakers.state(key))
+
+    def _scopes_of(self, key: str, kind: int) -> float:
+        return float(len(self.breakers.scoped(key)[kind]))  # 0 parked, 1 cooling
 
     def config_reloaded(self, problem: ConfigInvalid | None, current: ProviderConfig) -> None:
         """Say what a reload did. A bad file never replaces the config that is serving."""

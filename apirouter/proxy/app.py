@@ -71,7 +71,12 @@ class App:
         self.limiter = self.reporter.state.limiter  # in-process, or Redis in fleet mode
         self.metrics = self.reporter.metrics
         self.attempts = Attempts(
-            self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
+            self.upstream,
+            self.reporter.breakers,
+            self.reporter,
+            settings.environment,
+            clock,
+            max_park_seconds=settings.max_park_seconds,
         )
         self.reporter.watch_upstreams(config)
         self.health_checker = HealthChecker(
@@ -208,7 +213,13 @@ class App:
         client_key = self.admission.authorize(request.key)
         self.admission.rate_limit(ctx, match.endpoint)
         return self.attempts.send(
-            request, ctx, config, match, client_key, self.settings.max_body_bytes
+            request,
+            ctx,
+            config,
+            match,
+            client_key,
+            self.settings.max_body_bytes,
+            own_key=self.admission.forwards_own_key(request.key),
         )
 
     def close(self) -> None:

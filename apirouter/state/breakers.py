@@ -4,8 +4,11 @@ The failure windows that raise alerts (``alerting.FailureTracker``) also condemn
 upstream: when its window reaches the threshold, the Reporter opens its breaker here and
 the upstream is skipped for a cooldown (30 s by default, doubling up to 5 min while the
 failures continue). After the cooldown one request is let through as a probe; success
-closes the breaker. A 429 parks an upstream until its ``Retry-After`` without counting as
-a failure. Thread-safe; the clock and the random source are injected.
+closes the breaker. Only whole-upstream failures do that (connect, DNS, TLS, timeouts
+before the headers, health checks, 5xx on routes without a model); a model's failures and
+a 429 on an operator key act on that (upstream, model) alone (``scopes.ScopeTable``), and
+only while another target can take the request. Thread-safe; the clocks and the random
+source are injected.
 
 States, as exported in ``apirouter_upstream_state``: 0 healthy, 1 cooling down, 2 probing.
 """
@@ -18,8 +21,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from apirouter.config.provider import Cooldown, Endpoint, ProviderConfig, UpstreamSpec
+from apirouter.state.scopes import ScopeTable
+
+MAX_LISTED_SCOPES = 20  # parked and cooling models shown per upstream in /health
 
 
 class State(IntEnum):
@@ -51,8 +58,14 @@ class _Breaker:
     state: State = State.HEALTHY
     until: float = 0.0  # cooling down until then
     cooldown: float = 0.0  # the current pause; doubles while failures continue
-    parked_until: float = 0.0  # a 429's Retry-After
     last_error: str | None = None
+
+
+def scope_model(provider: ProviderConfig, sent_model: str | None) -> str | None:
+    """The upstream model a request asks this provider for: mapped, else as sent."""
+    if sent_model is None:
+        return None
+    return provider.model_mapping.get(sent_model, sent_model)
 
 
 class Breakers:
@@ -60,56 +73,76 @@ class Breakers:
         self,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        scopes: ScopeTable | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall = wall  # /health shows when a park ends in Unix seconds
         self._rng = rng or random.Random()
         self._breakers: dict[str, _Breaker] = {}
+        self.scopes = scopes or ScopeTable()
         self._lock = threading.Lock()
 
     # --- choosing ----------------------------------------------------------------------
+
+    def chain(self, config: ProviderConfig, stateful: bool, endpoint: Endpoint) -> list[Target]:
+        """Every target a request may reach, in order of preference. A stateful request
+        (``statefulness``) has one: the provider's first upstream. A fallback that has
+        switched this route off is left out."""
+        providers = [config] if stateful else [config, *config.fallbacks]
+        return [
+            Target(provider, upstream, fallback=provider is not config)
+            for provider in providers
+            if endpoint.local_path in provider.endpoints
+            for upstream in (provider.upstreams[:1] if stateful else provider.upstreams)
+        ]
 
     def choose(
         self,
         config: ProviderConfig,
         tried: Iterable[str],
-        pinned: bool,
+        stateful: bool,
         endpoint: Endpoint,
+        sent_model: str | None = None,
+        *,
+        again: bool = False,
+        accept: Callable[[Target], bool] | None = None,
     ) -> Target | None:
-        """The upstream for the next attempt, or None when nothing can serve.
+        """The target for the next attempt, or None when nothing can serve.
 
-        Upstreams not yet tried come first, then (when every one was tried) any that is
-        neither cooling down nor parked, so a lone upstream is retried in place. ``pinned``
-        (stateful routes) keeps the request on the provider's first upstream. A fallback
-        that has switched this route off is skipped.
+        Targets not yet tried, and not cooling down, are the candidates (``again``: tried
+        ones too); ``accept`` may narrow them. Among them, one whose (upstream, model) is
+        neither parked nor cooling is preferred, the configured provider's upstreams by
+        weight before each fallback in turn; with nowhere else to go, a parked or cooling
+        model is tried anyway: the client then gets the provider's own answer.
         """
-        chain = [config] if pinned else [config, *config.fallbacks]
-        chain = [p for p in chain if endpoint.local_path in p.endpoints]
         tried = set(tried)
         with self._lock:
             now = self._clock()
-            for fresh_only in (True, False):
-                for provider in chain:
-                    upstreams = provider.upstreams[:1] if pinned else provider.upstreams
-                    targets = [
-                        Target(provider, u, fallback=provider is not config) for u in upstreams
-                    ]
-                    usable = [
-                        t
-                        for t in targets
-                        if self._usable(t.key, now) and not (fresh_only and t.key in tried)
-                    ]
-                    if usable:
-                        target = self._pick(usable)
-                        self._claim(target.key, now)
-                        return target
+            candidates = [
+                t
+                for t in self.chain(config, stateful, endpoint)
+                if (again or t.key not in tried)
+                and self._usable(t.key, now)
+                and (accept is None or accept(t))
+            ]
+            free = [
+                t
+                for t in candidates
+                if not self.scopes.blocked(t.key, scope_model(t.provider, sent_model), now)
+            ]
+            for pool in (free, candidates):
+                if pool:
+                    first = pool[0].provider
+                    target = self._pick([t for t in pool if t.provider is first])
+                    self._claim(target.key, now)
+                    return target
         return None
 
     def _usable(self, key: str, now: float) -> bool:
         breaker = self._breakers.get(key)
         if breaker is None:
             return True
-        if breaker.parked_until > now:
-            return False
         if breaker.state is State.HEALTHY:
             return True
         return now >= breaker.until  # cooldown over (or a probe went silent): one probe
@@ -132,7 +165,7 @@ class Breakers:
         """Seconds until the first upstream of the chain can be tried again."""
         now = self._clock()
         ends = [
-            max(b.until, b.parked_until)
+            b.until
             for provider in (config, *config.fallbacks)
             for u in provider.upstreams
             if (b := self._breakers.get(Target(provider, u).key)) is not None
@@ -176,10 +209,32 @@ class Breakers:
                 breaker.state = State.COOLING
                 breaker.until = self._clock()
 
-    def park(self, key: str, seconds: float) -> None:
+    def park(self, key: str, model: str | None, seconds: float) -> None:
+        """A 429 on an operator key: skip (upstream, model) for ``seconds`` where possible."""
         with self._lock:
-            breaker = self._breakers.setdefault(key, _Breaker())
-            breaker.parked_until = self._clock() + seconds
+            now = self._clock()
+            self.scopes.park(key, model, now + seconds, now)
+
+    def model_failed(self, target: Target, model: str) -> bool:
+        """Count a model's failure; cool that model when its window fills and somewhere
+        else can take its requests. True when it was cooled."""
+        with self._lock:
+            now = self._clock()
+            if not self.scopes.failed(target.key, model, now):
+                return False
+        if not self.healthy_elsewhere(target):
+            return False
+        cooldown = target.provider.cooldown
+        with self._lock:
+            self.scopes.cool(
+                target.key, model, self._clock(), cooldown.initial_secs, cooldown.max_secs
+            )
+        return True
+
+    def model_succeeded(self, key: str, model: str | None) -> None:
+        if model is not None:
+            with self._lock:
+                self.scopes.succeeded(key, model)
 
     # --- what /health and /metrics read ------------------------------------------------
 
@@ -202,17 +257,43 @@ class Breakers:
             for u in p.upstreams
         )
 
-    def describe(self, config: ProviderConfig) -> list[dict[str, str | None]]:
-        """Each upstream of the chain for /health: provider, name, state, last error."""
+    def describe(self, config: ProviderConfig) -> list[dict[str, Any]]:
+        """Each upstream of the chain for /health: provider, name, state, last error, and
+        its parked and cooling models (at most ``MAX_LISTED_SCOPES`` each, plus counts)."""
+        described = []
+        for p in (config, *config.fallbacks):
+            for u in p.upstreams:
+                key = Target(p, u).key
+                parked, cooling = self.scoped(key)
+                described.append(
+                    {
+                        "provider": p.name,
+                        "name": u.name,
+                        "state": self.state(key).name.lower(),
+                        "last_error": self.last_error(key),
+                        "parked": self._listed(parked),
+                        "parked_count": len(parked),
+                        "cooling": self._listed(cooling),
+                        "cooling_count": len(cooling),
+                    }
+                )
+        return described
+
+    def scoped(self, key: str) -> tuple[list[tuple[str | None, float]], ...]:
+        """(model, until) of this upstream's parked scopes, and of its cooling models."""
+        with self._lock:
+            now = self._clock()
+            return self.scopes.parked(key, now), self.scopes.cooling(key, now)
+
+    def _listed(self, scopes: list[tuple[str | None, float]]) -> list[dict[str, Any]]:
+        now, wall = self._clock(), self._wall()
         return [
             {
-                "provider": p.name,
-                "name": u.name,
-                "state": self.state(Target(p, u).key).name.lower(),
-                "last_error": self.last_error(Target(p, u).key),
+                "model": model,
+                "until": round(wall + until - now, 3),
+                "seconds_left": round(until - now, 3),
             }
-            for p in (config, *config.fallbacks)
-            for u in p.upstreams
+            for model, until in scopes[:MAX_LISTED_SCOPES]
         ]
 
     def healthy_elsewhere(self, target: Target) -> bool:

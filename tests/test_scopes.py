@@ -1,0 +1,324 @@
+"""Every reaction scoped to what failed: a 429 to the key that got it, a model's failures
+to (upstream, model), stateful requests to the first upstream, nothing retried that might
+have created something.
+
+Upstreams are paths on the session's pytest-httpserver (``/a/v1``, ``/b/v1``...); each
+upstream's requests come from the server's log. The router's clock is a FakeClock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from email.utils import formatdate
+
+import httpx
+import pytest
+from clocks import FakeClock
+from harness import write_config
+from upstream_fakes import CHAT_COMPLETION
+from werkzeug import Request, Response
+
+from apirouter.upstream.retry_after import park_seconds
+
+CHAT = "/v1/chat/completions"
+KEY_A = "sk-client-a-0123456789"
+KEY_B = "sk-client-b-0123456789"
+OPERATOR_KEY = "sk-operator-0123456789"
+CLIENT_KEY = "ck-admitted-0123456789"
+BACKUP_KEY = "sk-backup-0123456789"
+
+
+def hits(httpserver, prefix: str, **where: str) -> int:
+    """Requests the upstream saw under ``prefix``, optionally with a model or a key."""
+    count = 0
+    for request, _ in httpserver.log:
+        if not request.path.startswith(prefix):
+            continue
+        if (
+            "model" in where
+            and json.loads(request.get_data() or b"{}").get("model") != where["model"]
+        ):
+            continue
+        if "key" in where and request.headers.get("Authorization") != f"Bearer {where['key']}":
+            continue
+        count += 1
+    return count
+
+
+def answer(name: str, refuse_key: str | None = None, refuse_model: str | None = None, status=429):
+    """An upstream that refuses one key or one model with ``status``, and serves the rest."""
+
+    def handle(request: Request) -> Response:
+        body = json.loads(request.get_data())
+        refused = (
+            refuse_key is not None
+            and request.headers.get("Authorization") == f"Bearer {refuse_key}"
+        ) or (refuse_model is not None and body.get("model") == refuse_model)
+        if refused:
+            headers = {"Retry-After": "30", "x-ratelimit-remaining-requests": "0"}
+            error = {"error": {"message": "slow down", "type": "rate_limit", "code": status}}
+            return Response(
+                json.dumps(error), status=status, headers=headers, content_type="application/json"
+            )
+        document = {**CHAT_COMPLETION, "model": body["model"]}
+        return Response(
+            json.dumps(document), content_type="application/json", headers={"X-Served": name}
+        )
+
+    return handle
+
+
+def chat(router, model: str = "m", key: str | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(
+        router.url + CHAT, json={"model": model, "messages": []}, headers=headers, timeout=10
+    )
+
+
+def upstreams(httpserver, *names: str, **extra) -> dict:
+    return {
+        "upstreams": [{"name": n, "baseUrl": httpserver.url_for(f"/{n}/v1")} for n in names],
+        **extra,
+    }
+
+
+def with_backup(httpserver, tmp_path, config: dict) -> dict:
+    httpserver.expect_request("/backup/v1/chat/completions").respond_with_handler(answer("backup"))
+    write_config(
+        tmp_path / "backup.json", {"name": "backup", "baseUrl": httpserver.url_for("/backup/v1")}
+    )
+    return {**config, "fallbacks": [{"config": "backup.json", "apiKeyEnv": "BACKUP_KEY"}]}
+
+
+# --- 1. a 429 belongs to the key that got it --------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["one upstream", "two upstreams", "with a fallback"])
+def test_a_clients_own_429_is_its_own_and_the_next_client_is_served(
+    make_router, httpserver, tmp_path, layout
+):
+    names = ("a",) if layout == "one upstream" else ("a", "b")
+    for name in names:
+        httpserver.expect_request(f"/{name}/v1/chat/completions").respond_with_handler(
+            answer(name, refuse_key=KEY_A)
+        )
+    config = upstreams(httpserver, *names)
+    if layout == "with a fallback":
+        config = with_backup(httpserver, tmp_path, upstreams(httpserver, "a"))
+    router = make_router(config, environment={"BACKUP_KEY": BACKUP_KEY})
+    for _ in range(5):  # A and B take turns within the same second (the clock never moves)
+        refused = chat(router, key=KEY_A)
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "30"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.json()["error"]["message"] == "slow down"  # the upstream's own body
+        assert chat(router, key=KEY_B).status_code == 200
+    assert sum(hits(httpserver, f"/{n}/", key=KEY_B) for n in names) == 5  # B reached it
+    assert sum(hits(httpserver, f"/{n}/", key=KEY_A) for n in names) == 5  # never retried
+    assert hits(httpserver, "/backup/") == 0
+    health = httpx.get(router.url + "/health").json()
+    assert all(u["parked"] == [] and u["parked_count"] == 0 for u in health["upstreams"])
+    assert health["can_serve"] is True
+
+
+def test_an_operator_429_parks_that_model_on_that_upstream_only(make_router, httpserver):
+    clock = FakeClock(1000.0)
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="x")
+    )
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_handler(answer("b"))
+    router = make_router(
+        upstreams(httpserver, "a", "b"),
+        clock=clock,
+        default_api_key=OPERATOR_KEY,
+        client_keys=(CLIENT_KEY,),
+    )
+    parked = {"provider": "testprov", "upstream": "a"}
+    assert router.sample("apirouter_upstream_parked", parked) == 0
+    for _ in range(50):  # equal weights: until an x meets a's 429
+        response = chat(router, "x", key=CLIENT_KEY)
+        if response.status_code == 429:
+            break
+    # both upstreams carry DEFAULT_API_KEY: the 429 is not retried on the same key
+    assert response.status_code == 429 and hits(httpserver, "/a/", model="x") == 1
+    for _ in range(20):  # a is parked for x: x goes to b
+        assert chat(router, "x", key=CLIENT_KEY).headers["X-Apirouter-Upstream"] == "testprov/b"
+    for _ in range(30):  # y keeps using both
+        assert chat(router, "y", key=CLIENT_KEY).status_code == 200
+    assert hits(httpserver, "/a/", model="y") > 0 and hits(httpserver, "/b/", model="y") > 0
+
+    health = httpx.get(router.url + "/health").json()
+    [first] = [u for u in health["upstreams"] if u["name"] == "a"]
+    assert first["state"] == "healthy" and first["parked_count"] == 1
+    [scope] = first["parked"]
+    assert scope["model"] == "x" and scope["seconds_left"] == 30
+    assert abs(scope["until"] - 30 - time.time()) < 5  # Unix seconds, as sentry.last_accepted
+    assert router.sample("apirouter_upstream_parked", parked) == 1
+
+    clock.now += 31  # the park is over: x is spread over both again
+    for _ in range(30):
+        chat(router, "x", key=CLIENT_KEY)
+    assert hits(httpserver, "/a/", model="x") > 1
+    assert router.sample("apirouter_upstream_parked", parked) in (0, 1)  # parked again, or not
+
+
+def test_a_lone_upstream_429_on_the_operator_key_reaches_the_upstream_every_time(
+    make_router, httpserver
+):
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="x")
+    )
+    router = make_router(
+        upstreams(httpserver, "a"), default_api_key=OPERATOR_KEY, client_keys=(CLIENT_KEY,)
+    )
+    for _ in range(5):
+        response = chat(router, "x", key=CLIENT_KEY)
+        assert response.status_code == 429  # the provider's answer, never a 503 of ours
+        assert response.headers["Retry-After"] == "30"
+        assert chat(router, "y", key=CLIENT_KEY).status_code == 200
+    assert hits(httpserver, "/a/", model="x") == 5 and hits(httpserver, "/a/", model="y") == 5
+    [upstream] = httpx.get(router.url + "/health").json()["upstreams"]
+    assert [p["model"] for p in upstream["parked"]] == ["x"]
+
+
+def test_an_operator_429_is_retried_only_on_a_target_with_another_key(make_router, httpserver):
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="x")
+    )
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_handler(answer("b"))
+    config = upstreams(httpserver, "a", "b")
+    config["upstreams"][0]["weight"] = 1000  # a is chosen first
+    config["upstreams"][1]["apiKeyEnv"] = "B_KEY"
+    router = make_router(
+        config,
+        default_api_key=OPERATOR_KEY,
+        client_keys=(CLIENT_KEY,),
+        environment={"B_KEY": BACKUP_KEY},
+    )
+    response = chat(router, "x", key=CLIENT_KEY)
+    assert response.status_code == 200 and response.headers["X-Apirouter-Upstream"] == "testprov/b"
+    assert router.sample("apirouter_retries_total", {"provider": "testprov", "reason": "429"}) == 1
+
+
+def test_no_message_blames_repeated_failures_for_a_429(make_router, httpserver):
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="x")
+    )
+    router = make_router(upstreams(httpserver, "a"), default_api_key=OPERATOR_KEY)
+    for _ in range(10):
+        response = chat(router, "x")
+        assert response.status_code == 429
+        assert "repeated failures" not in response.text
+
+
+NOW = 1_700_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("7", 7.0),
+        (" 12 ", 12.0),
+        ("3600", 60.0),  # capped at APIROUTER_MAX_PARK_SECONDS
+        (formatdate(NOW + 20, usegmt=True), 20.0),  # an HTTP-date (IMF-fixdate)
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),  # a date already past: no park
+        (None, 1.0),  # missing
+        ("soon", 1.0),  # unreadable
+        ("-5", 0.0),
+        ("nan", 0.0),
+        ("inf", 0.0),
+        ("1e999", 0.0),
+    ],
+)
+def test_retry_after_is_read_as_rfc_9110_says(value, seconds):
+    got = park_seconds(value, 60.0, NOW)
+    assert math.isclose(got, seconds, abs_tol=0.01), (value, got)
+
+
+# --- 3. retries that create nothing twice -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "send"),
+    [
+        ("/v1/files", {"files": {"file": ("a.jsonl", b"{}\n")}, "data": {"purpose": "batch"}}),
+        ("/v1/batches", {"json": {"input_file_id": "file-1", "endpoint": CHAT}}),
+        ("/v1/responses/resp_1/cancel", {}),
+    ],
+)
+def test_a_stateful_post_answered_500_reaches_the_upstream_exactly_once(
+    make_router, httpserver, tmp_path, path, send
+):
+    for name in ("a", "b", "backup"):
+        httpserver.expect_request(f"/{name}{path}").respond_with_data("boom", status=500)
+    router = make_router(
+        with_backup(httpserver, tmp_path, upstreams(httpserver, "a", "b")),
+        environment={"BACKUP_KEY": BACKUP_KEY},
+    )
+    assert httpx.post(router.url + path, **send).status_code == 500
+    assert [r.path for r, _ in httpserver.log] == [f"/a{path}"]
+
+
+@pytest.mark.parametrize(
+    ("body", "spread"),
+    [
+        ({"previous_response_id": "resp_1", "input": "hi"}, False),
+        ({"input": "hi"}, False),  # the Responses API stores by default
+        ({"input": "hi", "store": True}, False),
+        ({"input": "hi", "conversation": "conv_1", "store": False}, False),
+        ({"input": "hi", "store": False}, True),
+    ],
+)
+def test_stateful_responses_always_go_to_the_first_upstream(make_router, httpserver, body, spread):
+    for name in ("a", "b"):
+        httpserver.expect_request(f"/{name}/v1/responses").respond_with_json({"id": "resp_2"})
+    router = make_router(upstreams(httpserver, "a", "b"))
+    for _ in range(20):
+        response = httpx.post(router.url + "/v1/responses", json={"model": "m", **body})
+        assert response.status_code == 200
+    if spread:
+        assert hits(httpserver, "/a/") > 0 and hits(httpserver, "/b/") > 0
+    else:
+        assert hits(httpserver, "/a/") == 20
+
+
+def test_a_lone_upstreams_5xx_goes_back_to_the_client_at_once(make_router, httpserver):
+    httpserver.expect_request(CHAT).respond_with_data("down", status=503)
+    router = make_router(alert_threshold=100)
+    assert chat(router).status_code == 503
+    assert len(httpserver.log) == 1  # the client's SDK retries; the router must not multiply it
+
+
+def test_a_lone_upstreams_connect_failure_is_retried_once_after_a_pause(make_router):
+    from apirouter.ops.firedrill import refused_base_url
+
+    router = make_router({"baseUrl": refused_base_url()})
+    pauses: list[float] = []
+    router.app.attempts.sleep = pauses.append
+    assert chat(router).status_code == 502
+    assert len(pauses) == 1 and 0.1 <= pauses[0] <= 0.3
+    assert (
+        router.sample("apirouter_retries_total", {"provider": "testprov", "reason": "connect"}) == 1
+    )
+
+
+def test_statefulness_is_decided_in_one_function():
+    from apirouter.proxy.inbound import EMPTY, json_body
+    from apirouter.proxy.statefulness import is_stateful
+
+    def body(**members) -> object:
+        return json_body(json.dumps({"model": "m", **members}).encode(), {})
+
+    assert not is_stateful("POST", CHAT, body())
+    assert is_stateful("POST", CHAT, body(store=True))
+    assert not is_stateful("POST", CHAT, body(store=False))
+    assert is_stateful("POST", CHAT, body(previous_response_id="r"))
+    assert not is_stateful("POST", "/v1/messages/count_tokens", body())
+    assert not is_stateful("POST", "/v1/moderations", body())
+    assert is_stateful("POST", "/v1/responses", body())
+    assert not is_stateful("POST", "/v1/responses", body(store=False))
+    assert is_stateful("POST", "/v1/images/generations", body())
+    assert is_stateful("GET", "/v1/files", EMPTY)
+    assert is_stateful("POST", "other", body())  # pass-through paths
