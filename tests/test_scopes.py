@@ -322,3 +322,73 @@ def test_statefulness_is_decided_in_one_function():
     assert is_stateful("POST", "/v1/images/generations", body())
     assert is_stateful("GET", "/v1/files", EMPTY)
     assert is_stateful("POST", "other", body())  # pass-through paths
+
+
+# --- 2. a model's failures cool that model ------------------------------------------------
+
+
+def test_one_failing_model_cools_only_that_model_and_the_alert_names_it(
+    make_router, httpserver, log_lines
+):
+    clock = FakeClock(1000.0)
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="model-x", status=503)
+    )
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_handler(answer("b"))
+    config = upstreams(httpserver, "a", "b", modelMapping={"fast": "model-x"})
+    config["upstreams"][0]["weight"] = 1000  # a is the primary
+    router = make_router(config, clock=clock, alert_threshold=3)
+    for _ in range(20):
+        assert chat(router, "fast").status_code == 200  # retried on b, then sent to b
+        assert chat(router, "y").headers["X-Apirouter-Upstream"] == "testprov/a"
+    assert hits(httpserver, "/a/", model="model-x") == 3  # the threshold, then it cools
+    assert hits(httpserver, "/a/", model="y") == 20  # served by the primary throughout
+
+    [first, _] = httpx.get(router.url + "/health").json()["upstreams"]
+    assert first["state"] == "healthy" and first["cooling_count"] == 1
+    [cooling] = first["cooling"]
+    assert cooling["model"] == "model-x" and cooling["seconds_left"] == 30
+    labels = {"provider": "testprov", "upstream": "a"}
+    assert router.sample("apirouter_upstream_cooling", labels) == 1
+    assert router.sample("apirouter_upstream_state", labels) == 0
+
+    [alert] = [line for line in log_lines if "repeated upstream failures" in line]
+    assert "models=model-x" in alert and "count=3" in alert
+    ids = next(part for part in alert.split() if part.startswith("sample_request_ids="))
+    assert len(set(ids.split("=")[1].split(","))) == 3  # three distinct requests
+
+    clock.now += 31  # the cool-down is over: the next failure cools it again, for twice as long
+    for _ in range(5):
+        assert chat(router, "fast").status_code == 200
+    assert hits(httpserver, "/a/", model="model-x") == 4
+    assert (
+        httpx.get(router.url + "/health").json()["upstreams"][0]["cooling"][0]["seconds_left"] == 60
+    )
+
+
+def test_a_lone_upstreams_failing_model_is_never_cooled(make_router, httpserver):
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_handler(
+        answer("a", refuse_model="x", status=503)
+    )
+    router = make_router(upstreams(httpserver, "a"), alert_threshold=2)
+    assert [chat(router, "x").status_code for _ in range(5)] == [503] * 5  # its own answer
+    assert hits(httpserver, "/a/", model="x") == 5
+    [upstream] = httpx.get(router.url + "/health").json()["upstreams"]
+    assert upstream["cooling"] == [] and upstream["state"] == "healthy"
+
+
+def test_the_scope_table_is_bounded_per_upstream():
+    from apirouter.state.scopes import MAX_MODELS, OTHER, ScopeTable
+
+    table = ScopeTable(threshold=2, window_seconds=60)
+    for n in range(MAX_MODELS):  # every scope active: parked
+        table.park("p/u", f"m{n}", until=100.0, now=0.0)
+    table.park("p/u", "newcomer", until=100.0, now=0.0)  # shares "other"
+    assert table.blocked("p/u", "newcomer", now=1.0) and table.blocked("p/u", "unseen", now=1.0)
+    assert OTHER in {model for model, _ in table.parked("p/u", now=1.0)}
+    assert len(table.parked("p/u", now=1.0)) == MAX_MODELS + 1
+    # once parks are over, the least recently used scope makes room
+    table.park("p/u", "later", until=300.0, now=200.0)
+    assert ("later", 300.0) in table.parked("p/u", now=200.0)
+    assert not table.blocked("p/u", "m0", now=200.0)
+    assert not table.blocked("q/u", "m0", now=1.0)  # other upstreams are untouched

@@ -178,6 +178,7 @@ class Attempts:
             target.provider.name,
             target.upstream.host,
         )
+        ctx.scope_model = scope_model(target.provider, plan.sent_model)
         if target.fallback and plan.served_by_fallback != target.provider.name:
             plan.served_by_fallback = target.provider.name
             self.reporter.fell_back(plan.config.name, target.provider.name)
@@ -212,16 +213,15 @@ class Attempts:
             ctx.upstream_seconds = self.clock() - sent_at
         ctx.upstream_status = response.status_code
         if response.status_code == 429 and self._operator_key(plan, target, endpoint):
-            self._park(plan, target, response)
+            self._park(target, ctx.scope_model, response)
         return response
 
-    def _park(self, plan: _Plan, target: Target, response: httpx.Response) -> None:
+    def _park(self, target: Target, model: str | None, response: httpx.Response) -> None:
         """An operator key's 429: park this (upstream, model) for its Retry-After."""
         seconds = park_seconds(
             response.headers.get("retry-after"), self.max_park_seconds, self.wall()
         )
         if seconds > 0:
-            model = scope_model(target.provider, plan.sent_model)
             self.breakers.park(target.key, model, seconds)
 
     def _key(self, plan: _Plan, target: Target) -> str | None:

@@ -185,12 +185,38 @@ class Breakers:
             breaker.state = State.COOLING
             breaker.until = self._clock() + breaker.cooldown
 
-    def failed(self, key: str, error_type: str) -> bool:
-        """Note a failure; True when it was a probe's (so the breaker must open again)."""
+    def upstream_failed(self, target: Target, error_type: str) -> None:
+        """A whole-upstream failure (connect, DNS, TLS, a timeout before the headers, a
+        health check, a 5xx on a route without a model), counted in the upstream's own
+        window. The breaker opens when a probe failed, or when the window fills while the
+        upstream was healthy and somewhere else can serve: failures of requests already in
+        flight when it opened do not stretch the pause."""
         with self._lock:
-            breaker = self._breakers.setdefault(key, _Breaker())
+            breaker = self._breakers.setdefault(target.key, _Breaker())
             breaker.last_error = error_type
-            return breaker.state is State.PROBING
+            probe_failed = breaker.state is State.PROBING
+            was_healthy = breaker.state is State.HEALTHY
+            full = self.scopes.failed(target.key, None, self._clock())
+        if probe_failed or (was_healthy and full and self.healthy_elsewhere(target)):
+            self.open(target.key, target.provider.cooldown)
+
+    def model_failed(self, target: Target, model: str, error_type: str) -> None:
+        """A model's failure (its 5xx, its stream cut or gone silent), counted in the
+        (upstream, model) window. When that fills and somewhere else can take its requests,
+        that model alone cools down. The upstream answered, so a probe it carried closes the
+        upstream's breaker (as a 429 does), without counting as a recovery."""
+        with self._lock:
+            breaker = self._breakers.setdefault(target.key, _Breaker())
+            breaker.last_error = error_type
+            if breaker.state is State.PROBING:
+                _close(breaker)
+            full = self.scopes.failed(target.key, model, self._clock())
+        if full and self.healthy_elsewhere(target):
+            cooldown = target.provider.cooldown
+            with self._lock:
+                self.scopes.cool(
+                    target.key, model, self._clock(), cooldown.initial_secs, cooldown.max_secs
+                )
 
     def succeeded(self, key: str) -> bool:
         """Close the breaker; True when it was open (cooling or probing)."""
@@ -215,24 +241,9 @@ class Breakers:
             now = self._clock()
             self.scopes.park(key, model, now + seconds, now)
 
-    def model_failed(self, target: Target, model: str) -> bool:
-        """Count a model's failure; cool that model when its window fills and somewhere
-        else can take its requests. True when it was cooled."""
-        with self._lock:
-            now = self._clock()
-            if not self.scopes.failed(target.key, model, now):
-                return False
-        if not self.healthy_elsewhere(target):
-            return False
-        cooldown = target.provider.cooldown
-        with self._lock:
-            self.scopes.cool(
-                target.key, model, self._clock(), cooldown.initial_secs, cooldown.max_secs
-            )
-        return True
-
     def model_succeeded(self, key: str, model: str | None) -> None:
-        if model is not None:
+        """A model answered: its next cool-down starts from the initial pause again."""
+        if model is not None and self.scopes.holds(key):  # the common path takes no lock
             with self._lock:
                 self.scopes.succeeded(key, model)
 

@@ -51,8 +51,9 @@ class ScopeTable:
         scope = self._scope(key, model, now)
         scope.parked_until = max(scope.parked_until, until)
 
-    def failed(self, key: str, model: str, now: float) -> bool:
-        """Count a model's failure; True when its window holds ``threshold`` failures."""
+    def failed(self, key: str, model: str | None, now: float) -> bool:
+        """Count a failure of a model (None: of the whole upstream); True when its window
+        holds ``threshold`` failures."""
         scope = self._scope(key, model, now)
         failures = scope.failures
         failures.append(now)
@@ -71,12 +72,15 @@ class ScopeTable:
         scope.cooling_until = now + scope.pause
 
     def succeeded(self, key: str, model: str | None) -> None:
-        """A model answered: its failure window and its doubling start afresh."""
+        """A model answered: its next cool-down starts from the initial pause again."""
         scopes = self._upstreams.get(key)
         scope = scopes.get(_bounded(scopes, model)) if scopes else None
-        if scope is not None and (scope.failures or scope.pause):
-            scope.failures.clear()
+        if scope is not None and scope.pause:
             scope.pause = 0.0
+
+    def holds(self, key: str) -> bool:
+        """Has this upstream any scope at all? (a lock-free check for the common path)"""
+        return bool(self._upstreams.get(key))
 
     # --- what choosing, /health and /metrics read -----------------------------------------
 
