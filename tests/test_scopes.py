@@ -15,6 +15,7 @@ from email.utils import formatdate
 
 import httpx
 import pytest
+import sentry_sdk
 from clocks import FakeClock
 from harness import write_config
 from upstream_fakes import CHAT_COMPLETION
@@ -392,3 +393,88 @@ def test_the_scope_table_is_bounded_per_upstream():
     assert ("later", 300.0) in table.parked("p/u", now=200.0)
     assert not table.blocked("p/u", "m0", now=200.0)
     assert not table.blocked("q/u", "m0", now=1.0)  # other upstreams are untouched
+
+
+# --- 4. health checks carry the key a request would carry ---------------------------------
+
+
+def test_a_health_check_carries_default_api_key_and_keeps_the_upstream_healthy(
+    sentry, make_router, httpserver, ingest
+):
+    sentry()
+    seen = []
+
+    def models(request: Request) -> Response:
+        seen.append(request.headers.get("Authorization"))
+        ok = request.headers.get("Authorization") == f"Bearer {OPERATOR_KEY}"
+        return Response('{"data": []}', status=200 if ok else 401, content_type="application/json")
+
+    httpserver.expect_request("/a/v1/models").respond_with_handler(models)
+    httpserver.expect_request("/b/v1/models").respond_with_handler(models)
+    config = upstreams(httpserver, "a", "b", healthCheck={"path": "/models", "intervalSecs": 10})
+    clock = FakeClock(1000.0)
+    router = make_router(
+        config,
+        tracking_enabled=True,
+        clock=clock,
+        alert_threshold=2,
+        default_api_key=OPERATOR_KEY,
+        client_keys=(CLIENT_KEY,),
+    )
+    for _ in range(3):
+        assert router.app.health_checker.probe_due() == 2
+        clock.now += 10
+    assert seen == [f"Bearer {OPERATOR_KEY}"] * 6
+    health = httpx.get(router.url + "/health").json()
+    assert {u["state"] for u in health["upstreams"]} == {"healthy"}
+    labels = {"provider": "testprov", "upstream": "a", "result": "ok"}
+    assert router.sample("apirouter_health_checks_total", labels) == 3
+    alerts = {"provider": "testprov", "alert_type": "repeated_upstream_failures"}
+    assert router.sample("apirouter_alerts_total", alerts) == 0
+    sentry_sdk.flush()
+    assert ingest.events == []
+
+
+def test_a_health_check_without_any_key_counts_a_401_as_up(make_router, httpserver):
+    httpserver.expect_request("/a/v1/models").respond_with_data("no key", status=401)
+    httpserver.expect_request("/b/v1/models").respond_with_data("down", status=503)
+    config = upstreams(httpserver, "a", "b", healthCheck={"path": "/models", "intervalSecs": 10})
+    router = make_router(config)  # pass-through: no DEFAULT_API_KEY, no apiKeyEnv
+    router.app.health_checker.probe_due()
+    results = {
+        name: router.sample(
+            "apirouter_health_checks_total",
+            {"provider": "testprov", "upstream": name, "result": result},
+        )
+        for name, result in (("a", "ok"), ("b", "health_check_failed"))
+    }
+    assert results == {"a": 1, "b": 1}
+
+
+def test_check_config_says_which_key_each_health_check_carries(tmp_path):
+    from typer.testing import CliRunner
+
+    from apirouter.ops.cli import cli
+
+    path = write_config(
+        tmp_path / "checked.json",
+        {
+            "name": "checked",
+            "upstreams": [
+                {"name": "own", "baseUrl": "https://a.example/v1", "apiKeyEnv": "OWN_KEY"},
+                {"name": "shared", "baseUrl": "https://b.example/v1"},
+            ],
+            "healthCheck": {"path": "/models"},
+        },
+    )
+    env = {"OWN_KEY": "sk-own-0123456789"}
+    runner = CliRunner()
+    bare = runner.invoke(cli, ["check-config", str(path)], env=env)
+    assert "health check of checked/own (GET /models) carries apiKeyEnv OWN_KEY" in bare.output
+    assert "checked/shared (GET /models) carries no key (any answer below 500: up)" in bare.output
+    keyed = runner.invoke(
+        cli, ["check-config", str(path), "--json"], env={**env, "DEFAULT_API_KEY": "sk-d-01234567"}
+    )
+    [file] = json.loads(keyed.stdout)["files"]
+    assert file["health_checks"][1].endswith("carries DEFAULT_API_KEY (401/403: auth failure)")
+    assert "sk-d-01234567" not in keyed.output and "sk-own-0123456789" not in keyed.output

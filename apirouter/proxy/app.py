@@ -80,7 +80,12 @@ class App:
         )
         self.reporter.watch_upstreams(config)
         self.health_checker = HealthChecker(
-            lambda: self.store.current, self.upstream, self.reporter, settings.environment, clock
+            lambda: self.store.current,
+            self.upstream,
+            self.reporter,
+            settings.environment,
+            clock,
+            default_key=settings.default_api_key,
         )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
         self.capacity = build_gate(settings, self.metrics)  # proxied requests in flight
