@@ -353,6 +353,23 @@ def test_a_200_mb_download_relays_with_bounded_memory(tmp_path, upstream):
     assert memory["growth_mb"] < RSS_BOUND_MB, memory
 
 
+def test_a_25_mib_model_list_is_read_no_further_than_its_bound(tmp_path, upstream):
+    size = 25 * MB
+    config = {
+        "baseUrl": upstream.url + "/v1",
+        "modelMapping": {"fast": "m"},
+        "endpoints": {"/v1/models": {"upstreamPath": f"/files/file-{size}/content"}},
+    }
+    with router_process(tmp_path, config) as router:
+        assert httpx.get(router.url + "/v1/files/file-1024/content").status_code == 200  # warm
+        with peak_rss_growth(router) as memory:
+            response = httpx.get(router.url + "/v1/models", timeout=60)
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["fast"]  # the aliases alone
+    assert response.headers["X-Apirouter-Partial"] == "upstream-unavailable"
+    assert memory["growth_mb"] < 16, memory
+
+
 # --- what the upstream receives -------------------------------------------------------------------
 
 

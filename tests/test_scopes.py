@@ -8,12 +8,15 @@ upstream's requests come from the server's log. The router's clock is a FakeCloc
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import time
 from email.utils import formatdate
 
+import anthropic
 import httpx
+import openai
 import pytest
 import sentry_sdk
 from clocks import FakeClock
@@ -478,3 +481,89 @@ def test_check_config_says_which_key_each_health_check_carries(tmp_path):
     [file] = json.loads(keyed.stdout)["files"]
     assert file["health_checks"][1].endswith("carries DEFAULT_API_KEY (401/403: auth failure)")
     assert "sk-d-01234567" not in keyed.output and "sk-own-0123456789" not in keyed.output
+
+
+# --- 5. /v1/models tells the truth --------------------------------------------------------
+
+ANTHROPIC_PAGE = {
+    "data": [
+        {
+            "id": "claude-a",
+            "type": "model",
+            "display_name": "A",
+            "created_at": "2025-01-01T00:00:00Z",
+        }
+    ],
+    "has_more": True,
+    "first_id": "claude-a",
+    "last_id": "claude-a",
+}
+
+
+def test_a_refused_key_gets_the_upstreams_401(make_router, httpserver):
+    httpserver.expect_request("/v1/models").respond_with_json(
+        {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}}, status=401
+    )
+    router = make_router({"modelMapping": {"fast": "m"}})
+    client = openai.OpenAI(base_url=router.v1, api_key="sk-refused-0123", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.models.list()
+    assert refused.value.status_code == 401
+    assert refused.value.body["code"] == "invalid_api_key"
+
+
+def test_the_anthropic_sdk_pages_through_the_router_as_it_does_direct(make_router, httpserver):
+    def models(request: Request) -> Response:
+        page = {**ANTHROPIC_PAGE, "has_more": request.args.get("limit") == "1"}
+        return Response(json.dumps(page), content_type="application/json")
+
+    httpserver.expect_request("/v1/models").respond_with_handler(models)
+    router = make_router({"baseUrl": httpserver.url_for("/v1"), "modelMapping": {"fast": "m"}})
+    direct = anthropic.Anthropic(base_url=httpserver.url_for(""), api_key="k", max_retries=0)
+    routed = anthropic.Anthropic(base_url=router.url, api_key="k", max_retries=0)
+    assert direct.models.list(limit=1).has_next_page() is True
+    assert routed.models.list(limit=1).has_next_page() is True  # relayed unchanged
+    assert [m.id for m in routed.models.list(limit=1).data] == ["claude-a"]  # no aliases
+    listed = httpx.get(router.url + "/v1/models").json()  # unparameterised: aliases first
+    assert [m["id"] for m in listed["data"]] == ["fast", "claude-a"]
+    assert (listed["first_id"], listed["last_id"], listed["has_more"]) == (
+        "claude-a",
+        "claude-a",
+        False,
+    )
+
+
+def test_a_gzip_list_keeps_the_upstreams_models(make_router, httpserver):
+    document = {"object": "list", "data": [{"id": "theirs", "object": "model"}]}
+    httpserver.expect_request("/v1/models").respond_with_data(
+        gzip.compress(json.dumps(document).encode()),
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip"},
+    )
+    router = make_router({"modelMapping": {"fast": "m"}})
+    client = openai.OpenAI(base_url=router.v1, api_key="sk-any-0123", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["fast", "theirs"]
+
+
+@pytest.mark.parametrize("trouble", ["5xx", "too large", "refused"])
+def test_the_aliases_alone_only_when_the_upstream_cannot_answer(
+    make_router, httpserver, log_lines, trouble
+):
+    from apirouter.ops.firedrill import refused_base_url
+    from apirouter.proxy.models import MAX_LIST_BYTES
+
+    if trouble == "5xx":
+        httpserver.expect_request("/v1/models").respond_with_data("down", status=502)
+    elif trouble == "too large":
+        padding = "x" * (MAX_LIST_BYTES + 1)
+        httpserver.expect_request("/v1/models").respond_with_json({"data": [], "pad": padding})
+    config = {"modelMapping": {"fast": "m"}}
+    if trouble == "refused":
+        config["baseUrl"] = refused_base_url()
+    router = make_router(config)
+    response = httpx.get(router.url + "/v1/models")
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["fast"]
+    assert response.headers["X-Apirouter-Partial"] == "upstream-unavailable"
+    if trouble == "too large":
+        assert any("exceeds 8388608 bytes" in line for line in log_lines)

@@ -157,7 +157,7 @@ class App:
             self.admission.authorize(request.key)  # the same key /v1/models asks for
             return json_response(alias_model(unquote(alias or ""), config))
         # every proxied request takes a slot: 503 over_capacity at once when none is free
-        if request.route == _MODELS:
+        if request.route == _MODELS and not request.query:  # a paged list goes as it is
             listing = routes.Match(match.endpoint, {})
 
             def fetch() -> httpx.Response:
