@@ -567,3 +567,60 @@ def test_the_aliases_alone_only_when_the_upstream_cannot_answer(
     assert response.headers["X-Apirouter-Partial"] == "upstream-unavailable"
     if trouble == "too large":
         assert any("exceeds 8388608 bytes" in line for line in log_lines)
+
+
+# --- 6. headers ---------------------------------------------------------------------------
+
+
+def test_an_upstreams_forged_router_header_is_replaced(make_router, httpserver):
+    httpserver.expect_request(CHAT).respond_with_json(
+        CHAT_COMPLETION,
+        headers={"X-Apirouter-Upstream": "forged/upstream", "X-Request-ID": "up-1"},
+    )
+    router = make_router()
+    response = chat(router)
+    assert response.headers.get_list("X-Apirouter-Upstream") == ["testprov/127.0.0.1"]
+    assert response.headers["X-Upstream-Request-ID"] == "up-1"  # renamed, as before
+
+
+def test_a_fallback_never_sees_the_clients_credentials(make_router, httpserver, tmp_path):
+    seen = []
+
+    def backup(request: Request) -> Response:
+        seen.append({k.lower(): v for k, v in request.headers.items()})
+        return answer("backup")(request)
+
+    httpserver.expect_request("/a/v1/chat/completions").respond_with_data("down", status=503)
+    httpserver.expect_request("/backup/v1/chat/completions").respond_with_handler(backup)
+    write_config(
+        tmp_path / "backup.json", {"name": "backup", "baseUrl": httpserver.url_for("/backup/v1")}
+    )
+    config = {
+        **upstreams(httpserver, "a"),
+        "fallbacks": [{"config": "backup.json", "apiKeyEnv": "BACKUP_KEY"}],
+    }
+    router = make_router(config, environment={"BACKUP_KEY": BACKUP_KEY})
+    client_headers = {
+        "Authorization": f"Bearer {KEY_A}",
+        "x-goog-api-key": "client-goog-key",
+        "Ocp-Apim-Subscription-Key": "client-azure-key",
+        "OpenAI-Organization": "org-client",
+        "OpenAI-Project": "proj-client",
+        "x-api-key": "client-x-api-key",
+        "Cookie": "session=client",
+        "X-Custom": "kept",
+    }
+    response = httpx.post(
+        router.url + CHAT, json={"model": "m", "messages": []}, headers=client_headers
+    )
+    assert response.status_code == 200 and response.headers["X-Apirouter-Upstream"] == (
+        "backup/127.0.0.1"
+    )
+    [got] = seen
+    assert got["authorization"] == f"Bearer {BACKUP_KEY}"
+    for name in client_headers:
+        if name != "X-Custom" and name != "Authorization":
+            assert name.lower() not in got, name
+    assert got["x-custom"] == "kept"
+    primary = next(r for r, _ in httpserver.log if r.path.startswith("/a/"))
+    assert primary.headers["OpenAI-Organization"] == "org-client"  # the client's own upstream

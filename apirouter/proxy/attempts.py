@@ -192,6 +192,7 @@ class Attempts:
             self._key(plan, target),
             ctx.request_id,
             body.content_type,
+            operator_key=target.fallback or bool(target.upstream.api_key_env),
         )
         if body.length is not None:  # a streamed body keeps a fixed length upstream
             headers["content-length"] = str(body.length)
