@@ -8,6 +8,7 @@ upstream's requests come from the server's log. The router's clock is a FakeCloc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -19,7 +20,7 @@ import httpx
 import openai
 import pytest
 import sentry_sdk
-from clocks import FakeClock
+from clocks import FakeClock, wait_until
 from harness import write_config
 from upstream_fakes import CHAT_COMPLETION
 from werkzeug import Request, Response
@@ -624,3 +625,42 @@ def test_a_fallback_never_sees_the_clients_credentials(make_router, httpserver, 
     assert got["x-custom"] == "kept"
     primary = next(r for r, _ in httpserver.log if r.path.startswith("/a/"))
     assert primary.headers["OpenAI-Organization"] == "org-client"  # the client's own upstream
+
+
+def test_streams_cut_after_the_headers_cool_that_model_not_the_upstream(make_router, httpserver):
+    from upstream_fakes import RawUpstream
+
+    cutting = RawUpstream(  # headers, half a chunk, then the connection is gone
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b'Transfer-Encoding: chunked\r\n\r\n40\r\ndata: {"half',
+        hang_up=True,
+    )
+    httpserver.expect_request("/b/v1/chat/completions").respond_with_handler(answer("b"))
+    config = {
+        "upstreams": [
+            {"name": "a", "baseUrl": cutting.url.removesuffix("/chat/completions"), "weight": 1000},
+            {"name": "b", "baseUrl": httpserver.url_for("/b/v1")},
+        ]
+    }
+    router = make_router(config, alert_threshold=2)
+    try:
+        for _ in range(2):
+            with (
+                httpx.stream(
+                    "POST", router.url + CHAT, json={"model": "m", "stream": True, "messages": []}
+                ) as response,
+                contextlib.suppress(httpx.HTTPError),
+            ):
+                b"".join(response.iter_raw())
+
+        def cooling() -> dict | None:  # a stream is recorded when the server closes it
+            first = httpx.get(router.url + "/health").json()["upstreams"][0]
+            return first if first["cooling"] else None
+
+        first = wait_until(cooling)
+        assert first["state"] == "healthy" and [c["model"] for c in first["cooling"]] == ["m"]
+        assert first["last_error"] == "upstream_stream_cut"
+        assert chat(router, "m").headers["X-Apirouter-Upstream"] == "testprov/b"
+        assert cutting.connections == 2
+    finally:
+        cutting.close()

@@ -57,6 +57,8 @@ CLIENT_CREDENTIALS = frozenset(
     )
 )
 
+DROPPED_FOR_OPERATOR_KEY = DROPPED_REQUEST_HEADERS | CLIENT_CREDENTIALS
+
 # Never relayed from the upstream: hop-by-hop (waitress frames the response itself),
 # Content-Length (we set the one we send), cookies (the upstream account's, not the
 # client's), the upstream's request id (relayed renamed, see below), and the router's own

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from urllib.parse import quote
 
 from apirouter.config.headers import (
-    CLIENT_CREDENTIALS,
+    DROPPED_FOR_OPERATOR_KEY,
     DROPPED_REQUEST_HEADERS,
     KEY_HEADERS,
     named_in_connection,
@@ -56,9 +56,8 @@ def upstream_headers(
     request goes out on the operator's own key (a fallback provider, an upstream with its
     own ``apiKeyEnv``), so no client credential of any kind goes with it.
     """
-    dropped = DROPPED_REQUEST_HEADERS | named_in_connection(client_headers)
-    if operator_key:
-        dropped |= CLIENT_CREDENTIALS
+    dropped = DROPPED_FOR_OPERATOR_KEY if operator_key else DROPPED_REQUEST_HEADERS
+    dropped = dropped | named_in_connection(client_headers)
     merged = {k: v for k, v in client_headers.items() if k not in dropped}
     merged.setdefault("accept-encoding", "identity")
     for name, value in (*config.headers.items(), *endpoint.headers.items()):
