@@ -1,14 +1,14 @@
 """Which upstream serves the next attempt, and which ones are cooling down.
 
-The failure windows that raise alerts (``alerting.FailureTracker``) also condemn an
-upstream: when its window reaches the threshold, the Reporter opens its breaker here and
-the upstream is skipped for a cooldown (30 s by default, doubling up to 5 min while the
-failures continue). After the cooldown one request is let through as a probe; success
-closes the breaker. Only whole-upstream failures do that (connect, DNS, TLS, timeouts
-before the headers, health checks, 5xx on routes without a model); a model's failures and
-a 429 on an operator key act on that (upstream, model) alone (``scopes.ScopeTable``), and
-only while another target can take the request. Thread-safe; the clocks and the random
-source are injected.
+Each upstream has its own failure window (in ``scopes.ScopeTable``, per process, with the
+alert's threshold and window) for whole-upstream failures: connect, DNS and TLS failures,
+timeouts before the headers, failed health checks, 5xx on routes without a model. When it
+fills, the upstream is skipped for a cooldown (30 s by default, doubling up to 5 min while
+the failures continue). After the cooldown one request is let through as a probe; success
+closes the breaker. A model's failures and a 429 on an operator key act on that (upstream,
+model) alone, and only while another target can take the request. The alert's own window
+(``alerting``, shared in fleet mode) counts every failure but decides no cooldown.
+Thread-safe; the clocks and the random source are injected.
 
 States, as exported in ``apirouter_upstream_state``: 0 healthy, 1 cooling down, 2 probing.
 """
