@@ -327,6 +327,7 @@ def test_statefulness_is_decided_in_one_function():
     assert is_stateful("POST", "/v1/images/generations", body())
     assert is_stateful("GET", "/v1/files", EMPTY)
     assert is_stateful("POST", "other", body())  # pass-through paths
+    assert is_stateful("POST", CHAT, None)  # a body not read proves nothing
 
 
 # --- 2. a model's failures cool that model ------------------------------------------------

@@ -32,14 +32,16 @@ CHAT = "/v1/chat/completions"
 RESPONSES = "/v1/responses"  # stores by default: stateless only with "store": false
 
 
-def is_stateful(method: str, route: str, body: Body) -> bool:
-    """True unless ``route`` is a stateless create and ``body`` keeps it one.
+def is_stateful(method: str, route: str, body: Body | None) -> bool:
+    """True unless ``route`` (a route template, or a pass-through path's label) is a
+    stateless create and ``body`` keeps it one. ``body`` None: not read (a pass-through
+    body, say), so nothing can show the request to be stateless.
 
     A body naming ``previous_response_id`` or ``conversation`` continues an object that
     lives with one account; ``"store": true`` on chat completions stores the completion;
     a Responses create stores unless it says ``"store": false``.
     """
-    if method != "POST" or body.pinned:
+    if method != "POST" or body is None or body.pinned:
         return True
     if route == RESPONSES:
         return body.store is not False
