@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
+
 from clocks import FakeClock, run_concurrently
 
 from apirouter.state.alerting import REPEATED_FAILURES, Failure, FailureTracker
 
+_numbers: defaultdict[int, itertools.count] = defaultdict(itertools.count)
+
 
 def fail(tracker, provider="p", n=1, request_id="r"):
+    """``n`` failed requests, each a new one: ``r0``, ``r1``... numbered per tracker."""
+    numbers = _numbers[id(tracker)]
     return [
-        tracker.record_failure(provider, Failure("upstream_5xx", 503, f"{request_id}{i}"))
-        for i in range(n)
+        tracker.record_failure(
+            provider, Failure("upstream_5xx", 503, f"{request_id}{next(numbers)}")
+        )
+        for _ in range(n)
     ]
 
 
@@ -80,3 +89,15 @@ def test_many_threads_failing_at_once_raise_exactly_one_alert():
     alerts = []
     run_concurrently(lambda: alerts.extend(a for a in fail(tracker, n=50) if a is not None), 16)
     assert len(alerts) == 1
+
+
+def test_a_request_counts_once_however_often_its_attempts_failed():
+    tracker = FailureTracker(
+        threshold=3, window_seconds=300, throttle_seconds=60, clock=FakeClock(1000.0)
+    )
+    for request_id in ("a", "a", "b", "b", "a"):
+        assert tracker.record_failure("p", Failure("upstream_5xx", 503, request_id)) is None
+    alert = tracker.record_failure("p", Failure("upstream_5xx", 503, "c", model="fast"))
+    assert alert is not None and alert.count == 3
+    assert alert.sample_request_ids == ("a", "b", "c")
+    assert alert.models == ("fast",)

@@ -353,6 +353,23 @@ def test_a_200_mb_download_relays_with_bounded_memory(tmp_path, upstream):
     assert memory["growth_mb"] < RSS_BOUND_MB, memory
 
 
+def test_a_25_mib_model_list_is_read_no_further_than_its_bound(tmp_path, upstream):
+    size = 25 * MB
+    config = {
+        "baseUrl": upstream.url + "/v1",
+        "modelMapping": {"fast": "m"},
+        "endpoints": {"/v1/models": {"upstreamPath": f"/files/file-{size}/content"}},
+    }
+    with router_process(tmp_path, config) as router:
+        assert httpx.get(router.url + "/v1/files/file-1024/content").status_code == 200  # warm
+        with peak_rss_growth(router) as memory:
+            response = httpx.get(router.url + "/v1/models", timeout=60)
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == ["fast"]  # the aliases alone
+    assert response.headers["X-Apirouter-Partial"] == "upstream-unavailable"
+    assert memory["growth_mb"] < 16, memory
+
+
 # --- what the upstream receives -------------------------------------------------------------------
 
 
@@ -507,6 +524,22 @@ def test_a_body_of_unknown_length_is_cut_off_at_the_limit_while_streaming(make_r
 
 
 def test_a_streamed_body_is_never_sent_twice(make_router, upstream):
+    # audio routes are stateful (apirouter.proxy.statefulness): only a failure where nothing
+    # reached the upstream is retried, once; a small body then goes again, a streamed one never
+    from apirouter.ops.firedrill import refused_base_url
+
+    router = make_router({"baseUrl": refused_base_url(), "retry": {"retryOn": ["connect"]}})
+    router.app.attempts.sleep = lambda seconds: None
+    retries = {"provider": "testprov", "reason": "connect"}
+    small = upload(router.v1 + "/audio/transcriptions", form_parts(100_000, model="m"))
+    assert small.status_code == 502
+    assert router.sample("apirouter_retries_total", retries) == 1  # retried: the test can tell
+    response = upload(router.v1 + "/audio/transcriptions", form_parts(2 * MB, model="m"))
+    assert response.status_code == 502
+    assert router.sample("apirouter_retries_total", retries) == 1  # not sent twice
+
+
+def test_a_streamed_body_reaches_the_one_upstream_asked_whole(make_router, upstream):
     with body_upstream() as second:
         upstream.status = second.status = 500
         router = make_router(
@@ -515,11 +548,6 @@ def test_a_streamed_body_is_never_sent_twice(make_router, upstream):
                 "retry": {"maxAttempts": 3, "retryOn": ["5xx"]},
             }
         )
-        small = upload(router.v1 + "/audio/transcriptions", form_parts(100_000, model="m"))
-        assert small.status_code == 500
-        assert len(upstream.received) + len(second.received) == 3  # retried: the test can tell
-        upstream.received.clear()
-        second.received.clear()
         response = upload(router.v1 + "/audio/transcriptions", form_parts(2 * MB, model="m"))
         assert response.status_code == 500  # the failure, as the one upstream asked gave it
         assert len(upstream.received) + len(second.received) == 1

@@ -105,6 +105,7 @@ def test_check_config_json_schema():
         "provider": "openai",
         "ok": True,
         "problems": [],
+        "health_checks": [],  # which key each health check carries (openai has none)
     }
     assert set(document["environment"]) == {"facts", "problems"}
     assert document["environment"]["facts"]["sentry"] == "off (SENTRY_DSN is not set)"

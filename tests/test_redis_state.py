@@ -4,6 +4,7 @@ frozen) answered from local state."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -60,8 +61,15 @@ class Process:
             self.link, keys, local_tracker, clock=wall, monotonic=self.monotonic
         )
 
-    def fail(self, key: str = "prov/main", request_id: str = "r"):
-        return self.tracker.record_failure(key, Failure("upstream_5xx", 503, request_id))
+    def fail(self, key: str = "prov/main", request_id: str | None = None):
+        """One failed request (a new one unless ``request_id`` is given), for model fast."""
+        request_id = request_id or f"r{next(_request_numbers)}"
+        return self.tracker.record_failure(
+            key, Failure("upstream_5xx", 503, request_id, model="fast")
+        )
+
+
+_request_numbers = itertools.count()
 
 
 def keys_under(redis_server, prefix: str = PREFIX) -> list[bytes]:
@@ -113,7 +121,7 @@ def test_every_key_is_prefixed_versioned_hash_tagged_and_expires(redis_url, redi
     process.fail("prov/main")
     process.fail("weird {key} name/with spaces")
     found = keys_under(redis_server)
-    assert len(found) == 1 + 3 + 3
+    assert len(found) == 1 + 3 + 3  # a bucket; failed requests, recent ids, models (twice)
     for key in found:
         text = key.decode()
         assert text.startswith(PREFIX + "v1:")
@@ -301,3 +309,14 @@ def test_without_a_redis_url_redis_is_never_imported(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_the_shared_window_counts_requests_not_attempts_and_names_models(redis_url):
+    a, b = Process(redis_url), Process(redis_url)
+    for request_id in ("x", "x", "y", "y", "z", "x"):  # retried attempts of three requests
+        assert (a if request_id != "y" else b).fail(request_id=request_id) is None
+    a.tracker.record_failure("prov/main", Failure("upstream_5xx", 503, "w", model="smart"))
+    alert = b.fail(request_id="v")
+    assert alert is not None and alert.count == 5
+    assert alert.sample_request_ids == ("x", "y", "z", "w", "v")
+    assert alert.models == ("fast", "smart")

@@ -8,7 +8,6 @@ log. The router's clock is a FakeClock, so cooldowns end when the test says so.
 from __future__ import annotations
 
 import json
-import re
 
 import httpx
 import pytest
@@ -66,7 +65,7 @@ def test_a_refusing_upstream_beside_a_healthy_one_loses_no_request(make_router, 
     assert router.sample("apirouter_upstream_attempts_total", attempts) > 0
 
 
-def test_a_condemned_upstream_gets_no_attempt_until_its_cooldown_ends(make_router, httpserver):
+def test_a_failing_model_gets_no_attempt_there_until_its_cooldown_ends(make_router, httpserver):
     clock = FakeClock(1000.0)
     httpserver.expect_request("/bad/v1/chat/completions").respond_with_data("down", status=503)
     httpserver.expect_request("/good/v1/chat/completions").respond_with_handler(ok_handler("good"))
@@ -80,10 +79,9 @@ def test_a_condemned_upstream_gets_no_attempt_until_its_cooldown_ends(make_route
     for _ in range(40):
         assert chat(router).status_code == 200
     assert hits(httpserver, "/bad/") == 3  # the threshold, then nothing while it cools
-    assert (
-        router.sample("apirouter_upstream_state", {"provider": "testprov", "upstream": "first"})
-        == 1
-    )
+    first = {"provider": "testprov", "upstream": "first"}
+    assert router.sample("apirouter_upstream_cooling", first) == 1  # model m, not the upstream
+    assert router.sample("apirouter_upstream_state", first) == 0
 
     clock.now += 31  # the cooldown is over: one probe goes through, fails, cools again
     for _ in range(20):
@@ -167,9 +165,10 @@ def test_a_429_parks_its_upstream_and_is_not_retried_there(make_router, httpserv
         httpserver, httpserver.url_for("/busy/v1"), httpserver.url_for("/good/v1")
     )
     router = make_router(config, clock=clock)
-    for _ in range(20):
-        assert chat(router).status_code == 200
-    assert hits(httpserver, "/busy/") <= 1  # parked for 7 s after its first 429
+    # both upstreams carry the same (no) key: the 429 goes back, and parks "busy" for 7 s
+    statuses = [chat(router).status_code for _ in range(20)]
+    assert statuses.count(429) == hits(httpserver, "/busy/") <= 1
+    assert statuses.count(200) >= 19
     clock.now += 8
     for _ in range(20):
         chat(router)
@@ -214,31 +213,27 @@ def test_a_stream_cut_mid_way_is_not_retried(make_router, httpserver):
 
 def test_nothing_can_serve_503_at_once_and_health_says_so(make_router, httpserver, tmp_path):
     clock = FakeClock(1000.0)
-    httpserver.expect_request("/main/v1/chat/completions").respond_with_data("down", status=503)
-    httpserver.expect_request("/backup/v1/chat/completions").respond_with_data("down", status=502)
-    write_config(
-        tmp_path / "backup.json", {"name": "backup", "baseUrl": httpserver.url_for("/backup/v1")}
-    )
+    write_config(tmp_path / "backup.json", {"name": "backup", "baseUrl": refused_base_url()})
     config = {
-        "baseUrl": httpserver.url_for("/main/v1"),
+        "baseUrl": refused_base_url(),
         "fallbacks": [{"config": "backup.json", "apiKeyEnv": "BACKUP_KEY"}],
     }
     router = make_router(config, clock=clock, alert_threshold=2, environment={"BACKUP_KEY": "k"})
     for _ in range(6):
         chat(router)
-    before = len(httpserver.log)
     response = chat(router)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_healthy_upstream"
+    assert "cooling down after repeated failures" in response.json()["error"]["message"]
     assert 1 <= int(response.headers["Retry-After"]) <= 30
-    assert len(httpserver.log) == before  # no doomed connection
+    assert len(httpserver.log) == 0  # no doomed connection
     health = httpx.get(router.url + "/health").json()
     assert health["can_serve"] is False
     assert {(u["provider"], u["state"]) for u in health["upstreams"]} == {
         ("testprov", "cooling"),
         ("backup", "cooling"),
     }
-    assert {u["last_error"] for u in health["upstreams"]} == {"upstream_5xx"}
+    assert {u["last_error"] for u in health["upstreams"]} == {"upstream_connect_error"}
 
 
 def test_max_attempts_1_turns_retries_off(make_router, httpserver):
@@ -496,19 +491,16 @@ def test_a_request_that_finally_fails_is_one_event_with_its_attempts(
 # --- regressions found in review -------------------------------------------------------------
 
 
-def test_requests_refused_before_the_upstream_give_back_a_claimed_probe(
-    make_router, httpserver, tmp_path
-):
-    router_dir = tmp_path
+def test_requests_refused_before_the_upstream_give_back_a_claimed_probe(make_router, tmp_path):
     clock = FakeClock(1000.0)
-    httpserver.expect_request("/a/v1/chat/completions").respond_with_data("down", status=503)
-    httpserver.expect_request("/b/v1/chat/completions").respond_with_data("down", status=503)
-    config = two_upstreams(httpserver, httpserver.url_for("/a/v1"), httpserver.url_for("/b/v1"))
-    config["fallbacks"] = [{"config": "backup.json", "apiKeyEnv": "K"}]
-    write_config(
-        router_dir / "backup.json", {"name": "backup", "baseUrl": httpserver.url_for("/c/v1")}
-    )
-    httpserver.expect_request("/c/v1/chat/completions").respond_with_data("down", status=503)
+    config = {
+        "upstreams": [
+            {"name": "first", "baseUrl": refused_base_url()},
+            {"name": "second", "baseUrl": refused_base_url()},
+        ],
+        "fallbacks": [{"config": "backup.json", "apiKeyEnv": "K"}],
+    }
+    write_config(tmp_path / "backup.json", {"name": "backup", "baseUrl": refused_base_url()})
     router = make_router(config, clock=clock, alert_threshold=2, environment={"K": "k"})
     for _ in range(6):
         chat(router)
@@ -520,11 +512,8 @@ def test_requests_refused_before_the_upstream_give_back_a_claimed_probe(
             router.url + CHAT, content=b"{", headers={"Content-Type": "application/json"}
         )
         assert bad.status_code == 400
-    httpserver.clear()
-    httpserver.expect_request(re.compile(r"/[ab]/v1/chat/completions")).respond_with_handler(
-        ok_handler("ok")
-    )
-    assert chat(router).status_code == 200  # a probe was still available
+    # a probe was still available: the request went for an upstream, no 503 of ours
+    assert chat(router).json()["error"]["code"] == "upstream_connect_error"
 
 
 def test_failures_while_cooling_do_not_stretch_the_cooldown(make_router, httpserver):

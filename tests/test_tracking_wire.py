@@ -248,6 +248,7 @@ def test_alert_is_emitted_three_ways_once_and_not_sampled(
         "alert_type": "repeated_upstream_failures",
         "provider": "testprov",
         "upstream": "127.0.0.1",  # one upstream, named after its host
+        "models": "other",  # models of the failed requests; unmapped names are "other"
     }
     assert alert["fingerprint"] == [
         "apirouter-alert",
@@ -259,6 +260,8 @@ def test_alert_is_emitted_three_ways_once_and_not_sampled(
     assert facts["count"] == 3 and facts["threshold"] == 3 and facts["window_seconds"] == 300
     assert facts["last_error_type"] == "upstream_5xx" and facts["last_status"] == 503
     assert facts["sample_request_ids"] == ["req-0", "req-1", "req-2"]
+    assert facts["models"] == ["other"]
+    assert "3 failed requests" in alert["message"] and "models: other" in alert["message"]
     labels = {"provider": "testprov", "alert_type": "repeated_upstream_failures"}
     assert router.sample("apirouter_alerts_total", labels) == 1
     assert len([line for line in log_lines if "repeated upstream failures" in line]) == 1

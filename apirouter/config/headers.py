@@ -40,10 +40,33 @@ DROPPED_REQUEST_HEADERS = (
     HOP_BY_HOP | SET_BY_CLIENT_LIBRARY | set(KEY_HEADERS) | {"cookie", "x-request-id"}
 )
 
+# Also dropped where the operator's key goes instead of the client's (a fallback provider,
+# an upstream with its own apiKeyEnv): every other header a client's credential or account
+# choice travels in. The client's key must never reach another provider's account, and its
+# organization or project names would not exist there. (Every ``keyHeader`` a config may
+# name is one of KEY_HEADERS, so those are dropped too.)
+CLIENT_CREDENTIALS = frozenset(
+    (
+        *KEY_HEADERS,
+        "x-goog-api-key",
+        "ocp-apim-subscription-key",
+        "proxy-authorization",
+        "cookie",
+        "openai-organization",
+        "openai-project",
+    )
+)
+
+DROPPED_FOR_OPERATOR_KEY = DROPPED_REQUEST_HEADERS | CLIENT_CREDENTIALS
+
 # Never relayed from the upstream: hop-by-hop (waitress frames the response itself),
 # Content-Length (we set the one we send), cookies (the upstream account's, not the
-# client's), and the upstream's request id (relayed renamed, see below).
-DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"content-length", "set-cookie", "x-request-id"}
+# client's), the upstream's request id (relayed renamed, see below), and the router's own
+# headers, which only the router sets (an upstream's would otherwise come first).
+ROUTER_HEADERS = frozenset(("x-apirouter-upstream", "x-apirouter-partial"))
+DROPPED_RESPONSE_HEADERS = (
+    HOP_BY_HOP | ROUTER_HEADERS | {"content-length", "set-cookie", "x-request-id"}
+)
 UPSTREAM_REQUEST_ID = "X-Upstream-Request-ID"
 
 

@@ -346,6 +346,14 @@ VARIABLES: tuple[Variable, ...] = (
         "At most one alert per provider per this many seconds.",
     ),
     Variable(
+        "APIROUTER_MAX_PARK_SECONDS",
+        "max_park_seconds",
+        _positive_seconds,
+        "60",
+        "Longest time an upstream 429 on an operator key parks that (upstream, model), "
+        "whatever its Retry-After says.",
+    ),
+    Variable(
         "APIROUTER_REDIS_URL",
         "redis_url",
         _redis_url,
@@ -399,6 +407,7 @@ class Settings:
     alert_threshold: int
     alert_window_seconds: float
     alert_throttle_seconds: float
+    max_park_seconds: float
     redis_url: str | None
     redis_prefix: str
     redis_timeout_ms: int

@@ -49,6 +49,9 @@ class RequestContext:
     upstream_seconds: float | None = None
     # filled as the answer is relayed (usage metrics, access log, tracing)
     model: str | None = None  # the upstream model when modelMapping chose it, else None
+    # the upstream model (mapped, else as sent): the scope of parks and of a model's
+    # failures; client-chosen, so never a metric label
+    scope_model: str | None = None
     first_byte_seconds: float | None = None  # request sent -> first body byte
     stream_seconds: float | None = None  # first byte -> last byte, for SSE streams
     usage: Usage | None = None  # tokens read from the answer; None: unknown

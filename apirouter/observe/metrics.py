@@ -222,6 +222,18 @@ class Metrics:
             ["provider", "upstream"],
             registry=registry,
         )
+        self.upstream_parked = Gauge(
+            "apirouter_upstream_parked",
+            "Scopes (models, or the whole upstream) parked after a 429 on an operator key.",
+            ["provider", "upstream"],
+            registry=registry,
+        )
+        self.upstream_cooling = Gauge(
+            "apirouter_upstream_cooling",
+            "Models cooling down on an upstream after their own repeated failures.",
+            ["provider", "upstream"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "apirouter_config_reloads",
             "Config file reloads, by result.",

@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,8 @@ from apirouter.observe.metrics import Metrics
 from apirouter.observe.redis_events import RedisEventReporter
 from apirouter.state import backends as state
 from apirouter.state.alerting import Alert, Failure, Recovery
-from apirouter.state.breakers import Breakers, State, Target
+from apirouter.state.breakers import Breakers, Target
+from apirouter.state.scopes import ScopeTable
 
 log = logging.getLogger("apirouter.report")
 MAX_KEYS = 1000  # distinct client keys counted per process with APIROUTER_METRICS_PER_KEY
@@ -52,7 +54,8 @@ class Reporter:
         events = RedisEventReporter(self.metrics, tracking_enabled)
         self.state = state.build(settings, events, clock=clock)
         self.tracker = self.state.tracker
-        self.breakers = Breakers(clock)
+        scopes = ScopeTable(settings.alert_threshold, settings.alert_window_seconds)
+        self.breakers = Breakers(clock, scopes=scopes)
         self.metrics_per_key = settings.metrics_per_key
         self._tokens: dict[str, dict[str, int]] = {}
         self._keys_seen: set[str] = set()
@@ -122,13 +125,13 @@ class Reporter:
             status = upstream_status
         if error is not None and error.upstream_failure:
             self._attempted(target, "failed")
-            self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
+            self._upstream_failed(target, _failure(ctx, error, status), _scope(ctx, error))
         elif ctx.upstream_status == 429:
             self._attempted(target, "rate_limited")
             self.breakers.succeeded(target.key)  # it answered: alive, but not a recovery
         elif ctx.upstream_status is not None:
             self._attempted(target, "ok")
-            self._upstream_succeeded(target)
+            self._upstream_succeeded(target, ctx.scope_model)
         else:  # it never reached the upstream: give back a probe it may have claimed
             self.breakers.release(target.key)
 
@@ -147,18 +150,19 @@ class Reporter:
             self._attempted(target, "rate_limited")
             return
         self._attempted(target, "failed")
-        self._upstream_failed(target, Failure(error.error_type, status, ctx.request_id))
+        self._upstream_failed(target, _failure(ctx, error, status), _scope(ctx, error))
 
     def probe_succeeded(self, target: Target) -> None:
         self.metrics.health_checks.labels(target.provider.name, target.upstream.name, "ok").inc()
-        self._upstream_succeeded(target)
+        self._upstream_succeeded(target, None)
 
     def probe_failed(self, target: Target, error: errors.RouterError, status: int) -> None:
         """A failed health check fills the same window as a failed request would."""
         self.metrics.health_checks.labels(
             target.provider.name, target.upstream.name, error.error_type
         ).inc()
-        self._upstream_failed(target, Failure(error.error_type, status, "health-check"))
+        probe_id = f"health-check-{uuid.uuid4().hex[:12]}"  # each probe is its own request
+        self._upstream_failed(target, Failure(error.error_type, status, probe_id), None)
 
     def fell_back(self, from_provider: str, to_provider: str) -> None:
         self.metrics.fallbacks.labels(from_provider, to_provider).inc()
@@ -168,24 +172,20 @@ class Reporter:
             target.provider.name, target.upstream.name, outcome
         ).inc()
 
-    def _upstream_failed(self, target: Target, failure: Failure) -> None:
-        """One window decides both: alert when it fills, cool the upstream down too."""
+    def _upstream_failed(self, target: Target, failure: Failure, model: str | None = None) -> None:
+        """Every failure counts in the upstream's alert window; a model's failure (``model``
+        set) cools that model, any other the whole upstream (see ``Breakers``)."""
         alert = self.tracker.record_failure(target.key, failure)
-        was_healthy = self.breakers.state(target.key) is State.HEALTHY
-        probe_failed = self.breakers.failed(target.key, failure.error_type)
-        # a failed probe doubles the pause; failures of requests already in flight when
-        # the breaker opened (or of health checks) do not
-        if probe_failed or (
-            was_healthy
-            and self.tracker.over_threshold(target.key)
-            and self.breakers.healthy_elsewhere(target)
-        ):
-            self.breakers.open(target.key, target.provider.cooldown)
+        if model is None:
+            self.breakers.upstream_failed(target, failure.error_type)
+        else:
+            self.breakers.model_failed(target, model, failure.error_type)
         if alert is not None:
             self._alert(alert)
 
-    def _upstream_succeeded(self, target: Target) -> None:
+    def _upstream_succeeded(self, target: Target, model: str | None) -> None:
         self.breakers.succeeded(target.key)
+        self.breakers.model_succeeded(target.key, model)
         recovery = self.tracker.record_success(target.key)
         if recovery is not None:
             self._recovery(recovery)
@@ -283,6 +283,7 @@ class Reporter:
             "last_error_type": alert.last_error_type,
             "last_status": alert.last_status,
             "sample_request_ids": ",".join(alert.sample_request_ids),
+            "models": ",".join(alert.models),
         }
         alert_log.error(
             "repeated upstream failures", extra=_log_extra(fields, self.tracking_enabled)
@@ -305,12 +306,22 @@ class Reporter:
         for provider in (config, *config.fallbacks):
             for upstream in provider.upstreams:
                 key = Target(provider, upstream).key
-                self.metrics.upstream_state.labels(provider.name, upstream.name).set_function(
+                labels = (provider.name, upstream.name)
+                self.metrics.upstream_state.labels(*labels).set_function(
                     functools.partial(self._state_of, key)
+                )
+                self.metrics.upstream_parked.labels(*labels).set_function(
+                    functools.partial(self._scopes_of, key, 0)
+                )
+                self.metrics.upstream_cooling.labels(*labels).set_function(
+                    functools.partial(self._scopes_of, key, 1)
                 )
 
     def _state_of(self, key: str) -> float:
         return float(self.breakers.state(key))
+
+    def _scopes_of(self, key: str, kind: int) -> float:
+        return float(len(self.breakers.scoped(key)[kind]))  # 0 parked, 1 cooling
 
     def config_reloaded(self, problem: ConfigInvalid | None, current: ProviderConfig) -> None:
         """Say what a reload did. A bad file never replaces the config that is serving."""
@@ -328,6 +339,21 @@ class Reporter:
             problem,
             extra=_log_extra({}, captured),
         )
+
+
+def _failure(ctx: RequestContext, error: errors.RouterError, status: int) -> Failure:
+    """One failed request for the alert window; its model as a bounded label."""
+    model = ctx.model or ("other" if ctx.scope_model else None)
+    return Failure(error.error_type, status, ctx.request_id, model)
+
+
+def _scope(ctx: RequestContext, error: errors.RouterError) -> str | None:
+    """The model a failure belongs to, or None when it is the whole upstream's: only an
+    answer (a 5xx, a stream cut or gone silent after the headers) speaks for one model;
+    connect, DNS and TLS failures and timeouts before the headers speak for the upstream."""
+    if isinstance(error, (errors.UpstreamServerError, errors.UpstreamStreamCut)):
+        return ctx.scope_model
+    return None
 
 
 def _log_extra(fields: dict[str, Any], captured: bool) -> dict[str, Any]:

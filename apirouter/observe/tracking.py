@@ -266,10 +266,11 @@ def capture_alert(alert: Alert) -> str | None:
                 "logger": "apirouter.alerts",
                 "message": (
                     f"Repeated upstream failures for provider {alert.provider} (upstream "
-                    f"{alert.upstream}): {alert.count} failures in the last "
+                    f"{alert.upstream}): {alert.count} failed requests in the last "
                     f"{alert.window_seconds:g}s (threshold {alert.threshold})"
+                    + (f"; models: {', '.join(alert.models)}" if alert.models else "")
                 ),
-                "tags": _alert_tags(alert),
+                "tags": {**_alert_tags(alert), "models": ",".join(alert.models) or "none"},
                 "fingerprint": [
                     "apirouter-alert",
                     alert.alert_type,
@@ -284,6 +285,7 @@ def capture_alert(alert: Alert) -> str | None:
                         "last_error_type": alert.last_error_type,
                         "last_status": alert.last_status,
                         "sample_request_ids": list(alert.sample_request_ids),
+                        "models": list(alert.models),
                     }
                 },
             }

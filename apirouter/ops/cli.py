@@ -488,6 +488,8 @@ def _render_check(report: diagnostics.CheckReport, code: int) -> None:
         verdict = "[green]SUCCESS[/green]" if file.ok else "[red]FAILED[/red]"
         out.print(f"Checking {file.source} ... {verdict}", soft_wrap=True)
         print_problems(out, file.problems)
+        for line in file.health_checks:
+            out.print(f"  {line}", soft_wrap=True)
     verdict = (
         "[red]FAILED[/red]"
         if any(p.severity == "error" for p in report.environment)

@@ -30,6 +30,7 @@ from apirouter.config.provider import (
 from apirouter.config.redis_url import masked as masked_redis_url
 from apirouter.config.settings import Settings, SettingsError
 from apirouter.observe.tracking import masked_dsn
+from apirouter.proxy.probes import key_source
 
 # The CLI's exit codes, one meaning each (the commands' --help and the README list them).
 EXIT_OK, EXIT_ERRORS, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
@@ -45,6 +46,7 @@ class FileReport:
     source: str
     provider: str | None = None
     problems: list[Problem] = field(default_factory=list)
+    health_checks: list[str] = field(default_factory=list)  # which key each one carries
 
     @property
     def ok(self) -> bool:
@@ -99,6 +101,7 @@ class CheckReport:
                     "provider": f.provider,
                     "ok": f.ok,
                     "problems": [problem(p) for p in f.problems],
+                    "health_checks": f.health_checks,
                 }
                 for f in self.files
             ],
@@ -205,7 +208,30 @@ def check_file(target: str, settings: Settings | None) -> FileReport:
         return report
     report.provider = config.name
     report.problems = lint_config(config, settings)
+    report.health_checks = health_check_keys(config, settings)
     return report
+
+
+def health_check_keys(config: ProviderConfig, settings: Settings | None) -> list[str]:
+    """One line per health-checked upstream: which key its probe carries, and so what a
+    401 from it means (a refused operator key, or nothing: pass-through has no key)."""
+    default_set = settings is not None and bool(settings.default_api_key)
+    lines = []
+    for provider in (config, *config.fallbacks):
+        if provider.health_check is None:
+            continue
+        for upstream in provider.upstreams:
+            source = key_source(provider, upstream, default_set)
+            carries = (
+                f"carries {source} (401/403: auth failure)"
+                if source
+                else "carries no key (any answer below 500: up)"
+            )
+            lines.append(
+                f"health check of {provider.name}/{upstream.name} "
+                f"(GET {provider.health_check.path}) {carries}"
+            )
+    return lines
 
 
 def _read_document(target: str) -> Any:

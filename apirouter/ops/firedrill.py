@@ -458,7 +458,9 @@ def _fire(
                 _synthetic_request(client)
                 fired()
             key = f"{config.name}/{config.upstreams[0].name}"
-            if app.reporter.breakers.state(key) is not State.COOLING:
+            breakers = app.reporter.breakers
+            # refused connections cool the upstream; its 503s cool the drill's model there
+            if breakers.state(key) is not State.COOLING and not breakers.scoped(key)[1]:
                 return  # no alert, no cooldown: nothing more to show
             report.cooldown_served_by = _synthetic_request(client)
             heal()

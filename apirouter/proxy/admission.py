@@ -33,6 +33,10 @@ class Admission:
             )
         return self.settings.default_api_key
 
+    def forwards_own_key(self, key: str | None) -> bool:
+        """Does the client's own key go upstream (pass-through), rather than the operator's?"""
+        return bool(key) and not self._client_keys
+
     def rate_limit(self, ctx: RequestContext, endpoint: Endpoint) -> None:
         limit = endpoint.rate_limit
         if limit is None and self.settings.rate_limit_rpm > 0:

@@ -71,11 +71,21 @@ class App:
         self.limiter = self.reporter.state.limiter  # in-process, or Redis in fleet mode
         self.metrics = self.reporter.metrics
         self.attempts = Attempts(
-            self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
+            self.upstream,
+            self.reporter.breakers,
+            self.reporter,
+            settings.environment,
+            clock,
+            max_park_seconds=settings.max_park_seconds,
         )
         self.reporter.watch_upstreams(config)
         self.health_checker = HealthChecker(
-            lambda: self.store.current, self.upstream, self.reporter, settings.environment, clock
+            lambda: self.store.current,
+            self.upstream,
+            self.reporter,
+            settings.environment,
+            clock,
+            default_key=settings.default_api_key,
         )
         self.metrics.track_bucket_count(lambda: len(self.limiter))
         self.capacity = build_gate(settings, self.metrics)  # proxied requests in flight
@@ -147,7 +157,7 @@ class App:
             self.admission.authorize(request.key)  # the same key /v1/models asks for
             return json_response(alias_model(unquote(alias or ""), config))
         # every proxied request takes a slot: 503 over_capacity at once when none is free
-        if request.route == _MODELS:
+        if request.route == _MODELS and not request.query:  # a paged list goes as it is
             listing = routes.Match(match.endpoint, {})
 
             def fetch() -> httpx.Response:
@@ -208,7 +218,13 @@ class App:
         client_key = self.admission.authorize(request.key)
         self.admission.rate_limit(ctx, match.endpoint)
         return self.attempts.send(
-            request, ctx, config, match, client_key, self.settings.max_body_bytes
+            request,
+            ctx,
+            config,
+            match,
+            client_key,
+            self.settings.max_body_bytes,
+            own_key=self.admission.forwards_own_key(request.key),
         )
 
     def close(self) -> None:

@@ -1,21 +1,26 @@
 """Sending one client request upstream: choose an upstream, attempt, and retry or fall back.
 
-What may be retried, and only before the client has received a byte:
-- a connect, DNS or TLS failure (nothing reached the upstream);
-- a timeout before the response headers (``firstByteTimeoutSecs``), only on the completion
-  routes, where a duplicate costs tokens but creates no object;
-- an upstream 5xx or 429, when ``retryOn`` names it and the answer is not an SSE stream.
+Whether the request is stateful is decided first (``statefulness``), before any target
+is chosen: a stateful request goes to the provider's first upstream only. What may be
+retried, and only before the client has received a byte:
+- a connect, DNS or TLS failure (nothing reached the upstream): on another target, or on a
+  lone target (stateful requests have one) once more, after a jittered 100-300 ms;
+- for stateless requests only, on another target: a timeout before the response headers
+  (``firstByteTimeoutSecs``) and an upstream 5xx, when ``retryOn`` names it and the answer
+  is not an SSE stream;
+- a 429 on an operator key, when ``retryOn`` names ``429``, on a target with another key.
 
-Never retried: bodies over 1 MiB (streamed upstream as they arrive, never held whole, so
-there is nothing to send again), stateful routes (files, batches, ``responses/{id}``,
-bodies naming a ``previous_response_id``: the object lives with one account, so they stay
-on the provider's first upstream and never fall back), and anything once the answer
-started to flow. Each retry goes to another upstream when one is healthy;
-a 429 parks its upstream until ``Retry-After``; the retry budget caps the time spent.
+Never retried: a 429 on the client's own key (its quota: relayed, nothing parked), 5xx
+answers and timeouts of a lone target (the client's SDK backs off itself; the router must
+not multiply its retries), bodies over 1 MiB (streamed upstream as they arrive, never held
+whole, so there is nothing to send again), and anything once the answer started to flow.
+A 429 on an operator key parks that (upstream, model) until ``Retry-After`` (at most
+``APIROUTER_MAX_PARK_SECONDS``); the retry budget caps the time spent.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,25 +28,19 @@ from dataclasses import dataclass, field
 import httpx
 
 from apirouter import errors
+from apirouter.config.headers import KEY_HEADERS
 from apirouter.config.provider import Endpoint, ProviderConfig
 from apirouter.config.routes import Match
 from apirouter.observe.context import RequestContext
 from apirouter.observe.report import Reporter
 from apirouter.proxy import forward
 from apirouter.proxy.inbound import Body, Inbound
-from apirouter.state.breakers import Breakers, Target
+from apirouter.proxy.statefulness import is_stateful
+from apirouter.state.breakers import Breakers, Target, scope_model
 from apirouter.upstream.client import Upstream
+from apirouter.upstream.retry_after import park_seconds
 
-COMPLETION_ROUTES = frozenset(
-    (
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/messages",
-    )
-)
-STATEFUL_PREFIXES = ("/v1/files", "/v1/batches", "/v1/responses/")
+LONE_RETRY_PAUSE = (0.1, 0.3)  # seconds: a lone target's connect failure is retried once
 _CONNECT_FAILURES = (errors.UpstreamConnectError, errors.UpstreamDNSError, errors.UpstreamTLSError)
 
 
@@ -61,9 +60,12 @@ class _Plan:
     match: Match[Endpoint]
     client_key: str | None  # the key chosen for the configured provider (client's or default)
     body_limit: int
+    own_key: bool = False  # client_key is the client's own (pass-through), not the operator's
     tried: list[str] = field(default_factory=list)
     started: float = 0.0
-    pinned: bool = False
+    stateful: bool = True
+    sent_model: str | None = None
+    bodies: dict[str, tuple[Endpoint, Body]] = field(default_factory=dict)  # per provider
     served_by_fallback: str | None = None
 
 
@@ -75,12 +77,20 @@ class Attempts:
         reporter: Reporter,
         environment: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        max_park_seconds: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.upstream = upstream
         self.breakers = breakers
         self.reporter = reporter
         self.environment = environment  # where apiKeyEnv names are looked up
         self.clock = clock
+        self.max_park_seconds = max_park_seconds
+        self.sleep = sleep  # the pause before a lone target's connect retry
+        self.wall = wall  # Retry-After may be an HTTP-date
+        self._rng = random.Random()
 
     def send(
         self,
@@ -90,29 +100,34 @@ class Attempts:
         match: Match[Endpoint],
         client_key: str | None,
         body_limit: int,
+        *,
+        own_key: bool = False,
     ) -> Sent:
-        plan = _Plan(request, ctx, config, match, client_key, body_limit, started=self.clock())
-        plan.pinned = match.endpoint.local_path.startswith(STATEFUL_PREFIXES)
+        plan = _Plan(
+            request, ctx, config, match, client_key, body_limit, own_key, started=self.clock()
+        )
+        _, first = self._body(plan, config)  # read and checked before any target is claimed
+        plan.stateful = is_stateful(request.method, match.endpoint.local_path, first)
+        plan.sent_model = first.sent_model
         target = self._choose(plan)
         while True:
             try:
-                endpoint, body = self._prepare(plan, target)
+                endpoint, body = self._body(plan, target.provider)
             except BaseException:  # refused before reaching it: give back a claimed probe
                 self.breakers.release(target.key)
                 raise
-            plan.pinned = plan.pinned or body.pinned
             ctx.model = body.model
             try:
                 response = self._attempt(plan, target, endpoint, body)
             except errors.UpstreamFailure as error:
-                next_target = self._retry_target(plan, _reason(error), body)
+                next_target = self._retry_target(plan, target, _reason(error), body)
                 if next_target is None:
                     raise
                 self._retried(plan, target, error, error.status, _reason(error))
                 target = next_target
                 continue
             reason = _status_reason(response)
-            next_target = self._retry_target(plan, reason, body) if reason else None
+            next_target = self._retry_target(plan, target, reason, body) if reason else None
             if next_target is None:
                 return Sent(response, target)
             response.close()
@@ -128,22 +143,29 @@ class Attempts:
     # --- one attempt -------------------------------------------------------------------
 
     def _choose(self, plan: _Plan) -> Target:
-        target = self.breakers.choose(plan.config, plan.tried, plan.pinned, plan.match.endpoint)
+        target = self.breakers.choose(
+            plan.config, plan.tried, plan.stateful, plan.match.endpoint, plan.sent_model
+        )
         if target is None:
             wait = self.breakers.retry_after(plan.config)
+            where = "The first upstream" if plan.stateful else "Every upstream"
             raise errors.NoHealthyUpstream(
-                f"Every upstream of {plan.config.name} (and its fallbacks) is cooling down "
+                f"{where} of {plan.config.name} that can serve this request is cooling down "
                 f"after repeated failures; retry in {wait}s.",
                 wait,
             )
         return target
 
-    def _prepare(self, plan: _Plan, target: Target) -> tuple[Endpoint, Body]:
-        endpoint = target.provider.endpoints[plan.match.endpoint.local_path]
-        mapping = target.provider.model_mapping
-        body = plan.request.read_body(endpoint, mapping, plan.body_limit)
+    def _body(self, plan: _Plan, provider: ProviderConfig) -> tuple[Endpoint, Body]:
+        """The body as ``provider`` gets it (its own modelMapping), read once per provider."""
+        prepared = plan.bodies.get(provider.name)
+        if prepared is not None:
+            return prepared
+        endpoint = provider.endpoints[plan.match.endpoint.local_path]
+        body = plan.request.read_body(endpoint, provider.model_mapping, plan.body_limit)
         if body.stream and not endpoint.stream_support:
             raise errors.BadRequest(f"Streaming is not supported on {endpoint.local_path}.")
+        plan.bodies[provider.name] = endpoint, body
         return endpoint, body
 
     def _attempt(
@@ -156,6 +178,7 @@ class Attempts:
             target.provider.name,
             target.upstream.host,
         )
+        ctx.scope_model = scope_model(target.provider, plan.sent_model)
         if target.fallback and plan.served_by_fallback != target.provider.name:
             plan.served_by_fallback = target.provider.name
             self.reporter.fell_back(plan.config.name, target.provider.name)
@@ -169,6 +192,7 @@ class Attempts:
             self._key(plan, target),
             ctx.request_id,
             body.content_type,
+            operator_key=target.fallback or bool(target.upstream.api_key_env),
         )
         if body.length is not None:  # a streamed body keeps a fixed length upstream
             headers["content-length"] = str(body.length)
@@ -189,9 +213,17 @@ class Attempts:
         finally:
             ctx.upstream_seconds = self.clock() - sent_at
         ctx.upstream_status = response.status_code
-        if response.status_code == 429:
-            self.breakers.park(target.key, _retry_after(response))
+        if response.status_code == 429 and self._operator_key(plan, target, endpoint):
+            self._park(target, ctx.scope_model, response)
         return response
+
+    def _park(self, target: Target, model: str | None, response: httpx.Response) -> None:
+        """An operator key's 429: park this (upstream, model) for its Retry-After."""
+        seconds = park_seconds(
+            response.headers.get("retry-after"), self.max_park_seconds, self.wall()
+        )
+        if seconds > 0:
+            self.breakers.park(target.key, model, seconds)
 
     def _key(self, plan: _Plan, target: Target) -> str | None:
         """The upstream's own operator key when configured, else the client's (or the
@@ -200,22 +232,54 @@ class Attempts:
             return self.environment.get(target.upstream.api_key_env) or None
         return None if target.fallback else plan.client_key
 
+    def _operator_key(self, plan: _Plan, target: Target, endpoint: Endpoint) -> bool:
+        """Does this attempt spend the operator's quota? Only the client's own key,
+        forwarded as it came, is the client's business (its 429 parks nothing)."""
+        if not plan.own_key or target.fallback or target.upstream.api_key_env:
+            return True
+        configured = (*target.provider.headers, *endpoint.headers)
+        return any(name.lower() in KEY_HEADERS for name in configured)
+
     # --- retrying ----------------------------------------------------------------------
 
-    def _retry_target(self, plan: _Plan, reason: str | None, body: Body) -> Target | None:
+    def _retry_target(
+        self, plan: _Plan, failed: Target, reason: str | None, body: Body
+    ) -> Target | None:
+        """Where to send the request again, or None: the client gets this answer."""
         policy = plan.config.retry
         if (
             reason is None
             or reason not in policy.retry_on
             or len(plan.tried) >= policy.max_attempts
             or not body.replayable
-            or (reason == "timeout" and plan.match.endpoint.local_path not in COMPLETION_ROUTES)
+            or (plan.stateful and reason != "connect")  # it may have created something
         ):
             return None
         budget = policy.budget_seconds
         if budget is not None and self.clock() - plan.started >= budget:
             return None
-        return self.breakers.choose(plan.config, plan.tried, plan.pinned, plan.match.endpoint)
+        accept = None
+        if reason == "429":
+            endpoint = failed.provider.endpoints[plan.match.endpoint.local_path]
+            if not self._operator_key(plan, failed, endpoint):
+                return None  # the client's own quota: another key must not pay for it
+            spent = self._key(plan, failed)
+            accept = lambda t: self._key(plan, t) != spent  # noqa: E731
+        endpoint = plan.match.endpoint
+        target = self.breakers.choose(
+            plan.config, plan.tried, plan.stateful, endpoint, plan.sent_model, accept=accept
+        )
+        if target is None and reason == "connect" and self._lone(plan, failed):
+            self.sleep(self._rng.uniform(*LONE_RETRY_PAUSE))  # nothing reached it: once more
+            target = self.breakers.choose(
+                plan.config, plan.tried, plan.stateful, endpoint, plan.sent_model, again=True
+            )
+        return target
+
+    def _lone(self, plan: _Plan, failed: Target) -> bool:
+        """Is ``failed`` the only target this request may use, tried only once so far?"""
+        chain = self.breakers.chain(plan.config, plan.stateful, plan.match.endpoint)
+        return len(chain) == 1 and plan.tried.count(failed.key) == 1
 
     def _retried(
         self,
@@ -255,11 +319,3 @@ def _status_reason(response: httpx.Response) -> str | None:
     if status == 429:
         return "429"
     return "5xx" if status >= 500 else None
-
-
-def _retry_after(response: httpx.Response) -> float:
-    value = response.headers.get("retry-after", "")
-    try:
-        return max(0.0, min(float(value), 3600.0))
-    except ValueError:
-        return 1.0

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import quote
 
-from apirouter.config.headers import DROPPED_REQUEST_HEADERS, KEY_HEADERS, named_in_connection
+from apirouter.config.headers import (
+    DROPPED_FOR_OPERATOR_KEY,
+    DROPPED_REQUEST_HEADERS,
+    KEY_HEADERS,
+    named_in_connection,
+)
 from apirouter.config.provider import Endpoint, ProviderConfig
 from apirouter.config.routes import fill
 
@@ -39,6 +44,7 @@ def upstream_headers(
     upstream_key: str | None,
     request_id: str,
     content_type: str | None = None,
+    operator_key: bool = False,
 ) -> dict[str, str]:
     """Merge headers: configured (endpoint over provider) > client's; then the key.
 
@@ -46,9 +52,12 @@ def upstream_headers(
     key header set in the config wins over it. ``client_headers`` has lowercase names.
     ``content_type`` is the body's own: it beats a configured one, because configs written
     for the older router set ``Content-Type: application/json`` on every route, which would
-    label a multipart upload as JSON. No body, no Content-Type.
+    label a multipart upload as JSON. No body, no Content-Type. ``operator_key``: the
+    request goes out on the operator's own key (a fallback provider, an upstream with its
+    own ``apiKeyEnv``), so no client credential of any kind goes with it.
     """
-    dropped = DROPPED_REQUEST_HEADERS | named_in_connection(client_headers)
+    dropped = DROPPED_FOR_OPERATOR_KEY if operator_key else DROPPED_REQUEST_HEADERS
+    dropped = dropped | named_in_connection(client_headers)
     merged = {k: v for k, v in client_headers.items() if k not in dropped}
     merged.setdefault("accept-encoding", "identity")
     for name, value in (*config.headers.items(), *endpoint.headers.items()):

@@ -49,8 +49,10 @@ class Body:
     data: bytes
     stream: bool
     content_type: str | None = JSON
-    pinned: bool = False  # names an object that lives with one account (previous_response_id)
+    pinned: bool = False  # names an object kept by one account (previous_response_id, conversation)
     model: str | None = None  # the upstream model when modelMapping chose it (a safe label)
+    store: bool | None = None  # the body's top-level "store", when it is a boolean
+    sent_model: str | None = None  # the model as the client named it: a scope key, never a label
     rest: Iterable[bytes] | None = field(default=None, repr=False)
     length: int | None = None
 
@@ -297,10 +299,12 @@ def json_body(
         raise errors.InvalidJSON("Request body is not UTF-8 encoded JSON.") from None
     members = _top_level_members(text)
     stream = members.get("stream", (None, 0, 0))[0] is True
-    pinned = "previous_response_id" in members
+    pinned = "previous_response_id" in members or "conversation" in members
+    store = members.get("store", (None, 0, 0))[0]
+    store = store if isinstance(store, bool) else None
     if "model" not in members:
         if not required:
-            return Body(raw, stream, pinned=pinned)
+            return Body(raw, stream, pinned=pinned, store=store)
         raise errors.BadRequest("Request body is missing the required 'model' field.")
     model, start, end = members["model"]
     if not isinstance(model, str) or not model.strip():
@@ -308,13 +312,15 @@ def json_body(
     target = mapping.get(model)
     add_usage = ask_usage and stream and "stream_options" not in members
     if target is None and not add_usage:
-        return Body(raw, stream, pinned=pinned)
+        return Body(raw, stream, pinned=pinned, store=store, sent_model=model)
     if target is not None:
         text = text[:start] + json.dumps(target, ensure_ascii=False) + text[end:]
     if add_usage:  # right after the opening brace: the object has members (model at least)
         brace = text.index("{")
         text = text[: brace + 1] + _ASK_USAGE + text[brace + 1 :]
-    return Body(text.encode("utf-8"), stream, pinned=pinned, model=target)
+    return Body(
+        text.encode("utf-8"), stream, pinned=pinned, model=target, store=store, sent_model=model
+    )
 
 
 _DECODER = json.JSONDecoder()
@@ -395,11 +401,11 @@ def multipart_body(
     parts = raw.split(delimiter)
     if len(parts) < 3:
         raise errors.BadRequest("Multipart body does not contain the boundary from Content-Type.")
-    found, mapped = _map_model_part(parts, mapping)
+    found, mapped, sent = _map_model_part(parts, mapping)
     if mapped:
-        return Body(delimiter.join(parts), False, content_type, model=mapped)
+        return Body(delimiter.join(parts), False, content_type, model=mapped, sent_model=sent)
     if found or not required:
-        return Body(raw, False, content_type)
+        return Body(raw, False, content_type, sent_model=sent)
     raise errors.BadRequest("Multipart body is missing the required 'model' form field.")
 
 
@@ -419,7 +425,7 @@ def multipart_stream(
     if len(parts) < 2:
         raise errors.BadRequest("Multipart body does not contain the boundary from Content-Type.")
     whole = parts[:-1]  # the last part may continue past the head
-    found, mapped = _map_model_part(whole, mapping)
+    found, mapped, sent = _map_model_part(whole, mapping)
     if not found and required:
         raise errors.BadRequest(
             f"Multipart body over {REPLAYABLE_BYTES} bytes must send its 'model' form field "
@@ -429,25 +435,35 @@ def multipart_stream(
     length = incoming.length
     if length is not None:
         length += len(head) - len(incoming.head)
-    return Body(head, False, content_type, model=mapped, rest=incoming.rest, length=length)
+    return Body(
+        head,
+        False,
+        content_type,
+        model=mapped,
+        sent_model=sent,
+        rest=incoming.rest,
+        length=length,
+    )
 
 
-def _map_model_part(parts: list[bytes], mapping: Mapping[str, str]) -> tuple[bool, str | None]:
+def _map_model_part(
+    parts: list[bytes], mapping: Mapping[str, str]
+) -> tuple[bool, str | None, str | None]:
     """Map the ``model`` part among ``parts`` in place: (a model was found, the upstream
-    model it was mapped to, if any)."""
+    model it was mapped to, if any, the model as sent)."""
     for index, part in enumerate(parts):
         head, separator, value = part.partition(b"\r\n\r\n")
         if not separator or not _MODEL_PART.search(head):
             continue
         model = value.removesuffix(b"\r\n").decode("utf-8", "replace").strip()
         if not model:
-            return False, None
+            return False, None, None
         target = mapping.get(model)
         if target is None:
-            return True, None
+            return True, None, model
         parts[index] = head + separator + target.encode() + b"\r\n"
-        return True, target
-    return False, None
+        return True, target, model
+    return False, None, None
 
 
 def _delimiter(content_type: str) -> bytes:

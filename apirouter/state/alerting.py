@@ -1,19 +1,22 @@
 """The upstream failure tracker: decides *when* to alert, never *how*.
 
-Per upstream (key ``provider/upstream``), a sliding window of failure times. When the
-failures in the last ``window`` seconds reach ``threshold``, an ``Alert`` is returned, at
-most once per ``throttle`` seconds per upstream; the first success after an alert returns a
-``Recovery``. The caller emits them (log line, metric, Sentry event), and the same window
-decides when the upstream is cooled down (``over_threshold``). With one upstream this is
-exactly the per-provider alert it always was. Thread-safe; the clock is injected so tests
-of windows and throttles never sleep; memory is bounded per upstream.
+Per upstream (key ``provider/upstream``), a sliding window of failed *requests*: a request
+whose attempts failed twice on one upstream counts once, so ``count`` and the sample request
+ids say how many users were hurt, not how often the router tried. Every failure counts,
+whatever its scope (a model's 5xx as well as a refused connection), and the alert names the
+models involved. When the failed requests in the last ``window`` seconds reach
+``threshold``, an ``Alert`` is returned, at most once per ``throttle`` seconds per upstream;
+the first success after an alert returns a ``Recovery``. The caller emits them (log line,
+metric, Sentry event). With one upstream this is exactly the per-provider alert it always
+was. Thread-safe; the clock is injected so tests of windows and throttles never sleep;
+memory is bounded per upstream.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +31,7 @@ class Failure:
     error_type: str
     status: int
     request_id: str
+    model: str | None = None  # a bounded label: a modelMapping target, else "other"
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -47,6 +51,7 @@ class Alert:
     last_status: int
     sample_request_ids: tuple[str, ...]
     alert_type: str = REPEATED_FAILURES
+    models: tuple[str, ...] = ()  # the models of the failed requests in the window
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class Recovery:
 
 @dataclass
 class _ProviderState:
-    times: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_REMEMBERED_FAILURES))
+    requests: OrderedDict[str, float] = field(default_factory=OrderedDict)  # id -> last failure
+    models: dict[str, float] = field(default_factory=dict)  # model -> last failure
     recent: deque[Failure] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLE_REQUEST_IDS))
     last_alert_at: float | None = None
     alerting: bool = False
@@ -85,13 +91,13 @@ class FailureTracker:
         now = self._clock()
         with self._lock:
             state = self._states.setdefault(key, _ProviderState())
-            state.times.append(now)
-            state.recent.append(failure)
-            while state.times and state.times[0] <= now - self.window_seconds:
-                state.times.popleft()
-            if state.alerting:
+            new = _note(state, failure, now)
+            horizon = now - self.window_seconds
+            while state.requests and next(iter(state.requests.values())) <= horizon:
+                state.requests.popitem(last=False)
+            if state.alerting and new:
                 state.failures_since_alert += 1
-            if len(state.times) < self.threshold or self._throttled(state, now):
+            if len(state.requests) < self.threshold or self._throttled(state, now):
                 return None
             state.last_alert_at = now
             state.alerting = True
@@ -100,12 +106,13 @@ class FailureTracker:
             return Alert(
                 provider=provider,
                 upstream=upstream,
-                count=len(state.times),
+                count=len(state.requests),
                 threshold=self.threshold,
                 window_seconds=self.window_seconds,
                 last_error_type=failure.error_type,
                 last_status=failure.status,
                 sample_request_ids=tuple(f.request_id for f in state.recent),
+                models=tuple(sorted(m for m, t in state.models.items() if t > horizon)),
             )
 
     def over_threshold(self, key: str) -> bool:
@@ -115,7 +122,7 @@ class FailureTracker:
             return False
         with self._lock:
             horizon = self._clock() - self.window_seconds
-            return sum(1 for t in state.times if t > horizon) >= self.threshold
+            return sum(1 for t in state.requests.values() if t > horizon) >= self.threshold
 
     def record_success(self, key: str) -> Recovery | None:
         state = self._states.get(key)
@@ -128,8 +135,25 @@ class FailureTracker:
         if not state.alerting:  # another thread recovered it first
             return None
         state.alerting = False
-        state.times.clear()
+        state.requests.clear()
+        state.models.clear()
         return Recovery(*split_key(key), state.failures_since_alert)
 
     def _throttled(self, state: _ProviderState, now: float) -> bool:
         return state.last_alert_at is not None and now - state.last_alert_at < self.throttle_seconds
+
+
+def _note(state: _ProviderState, failure: Failure, now: float) -> bool:
+    """Note a failure in the window; True when its request had not failed here before."""
+    requests = state.requests
+    new = failure.request_id not in requests
+    if new:
+        state.recent.append(failure)
+        if len(requests) >= MAX_REMEMBERED_FAILURES:
+            requests.popitem(last=False)
+    else:
+        requests.move_to_end(failure.request_id)  # the window stays in time order
+    requests[failure.request_id] = now
+    if failure.model is not None:
+        state.models[failure.model] = now  # bounded: mapped names and "other"
+    return new

@@ -1,11 +1,14 @@
 """Which upstream serves the next attempt, and which ones are cooling down.
 
-The failure windows that raise alerts (``alerting.FailureTracker``) also condemn an
-upstream: when its window reaches the threshold, the Reporter opens its breaker here and
-the upstream is skipped for a cooldown (30 s by default, doubling up to 5 min while the
-failures continue). After the cooldown one request is let through as a probe; success
-closes the breaker. A 429 parks an upstream until its ``Retry-After`` without counting as
-a failure. Thread-safe; the clock and the random source are injected.
+Each upstream has its own failure window (in ``scopes.ScopeTable``, per process, with the
+alert's threshold and window) for whole-upstream failures: connect, DNS and TLS failures,
+timeouts before the headers, failed health checks, 5xx on routes without a model. When it
+fills, the upstream is skipped for a cooldown (30 s by default, doubling up to 5 min while
+the failures continue). After the cooldown one request is let through as a probe; success
+closes the breaker. A model's failures and a 429 on an operator key act on that (upstream,
+model) alone, and only while another target can take the request. The alert's own window
+(``alerting``, shared in fleet mode) counts every failure but decides no cooldown.
+Thread-safe; the clocks and the random source are injected.
 
 States, as exported in ``apirouter_upstream_state``: 0 healthy, 1 cooling down, 2 probing.
 """
@@ -18,8 +21,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from apirouter.config.provider import Cooldown, Endpoint, ProviderConfig, UpstreamSpec
+from apirouter.state.scopes import ScopeTable
+
+MAX_LISTED_SCOPES = 20  # parked and cooling models shown per upstream in /health
 
 
 class State(IntEnum):
@@ -51,8 +58,14 @@ class _Breaker:
     state: State = State.HEALTHY
     until: float = 0.0  # cooling down until then
     cooldown: float = 0.0  # the current pause; doubles while failures continue
-    parked_until: float = 0.0  # a 429's Retry-After
     last_error: str | None = None
+
+
+def scope_model(provider: ProviderConfig, sent_model: str | None) -> str | None:
+    """The upstream model a request asks this provider for: mapped, else as sent."""
+    if sent_model is None:
+        return None
+    return provider.model_mapping.get(sent_model, sent_model)
 
 
 class Breakers:
@@ -60,56 +73,76 @@ class Breakers:
         self,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        scopes: ScopeTable | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall = wall  # /health shows when a park ends in Unix seconds
         self._rng = rng or random.Random()
         self._breakers: dict[str, _Breaker] = {}
+        self.scopes = scopes or ScopeTable()
         self._lock = threading.Lock()
 
     # --- choosing ----------------------------------------------------------------------
+
+    def chain(self, config: ProviderConfig, stateful: bool, endpoint: Endpoint) -> list[Target]:
+        """Every target a request may reach, in order of preference. A stateful request
+        (``statefulness``) has one: the provider's first upstream. A fallback that has
+        switched this route off is left out."""
+        providers = [config] if stateful else [config, *config.fallbacks]
+        return [
+            Target(provider, upstream, fallback=provider is not config)
+            for provider in providers
+            if endpoint.local_path in provider.endpoints
+            for upstream in (provider.upstreams[:1] if stateful else provider.upstreams)
+        ]
 
     def choose(
         self,
         config: ProviderConfig,
         tried: Iterable[str],
-        pinned: bool,
+        stateful: bool,
         endpoint: Endpoint,
+        sent_model: str | None = None,
+        *,
+        again: bool = False,
+        accept: Callable[[Target], bool] | None = None,
     ) -> Target | None:
-        """The upstream for the next attempt, or None when nothing can serve.
+        """The target for the next attempt, or None when nothing can serve.
 
-        Upstreams not yet tried come first, then (when every one was tried) any that is
-        neither cooling down nor parked, so a lone upstream is retried in place. ``pinned``
-        (stateful routes) keeps the request on the provider's first upstream. A fallback
-        that has switched this route off is skipped.
+        Targets not yet tried, and not cooling down, are the candidates (``again``: tried
+        ones too); ``accept`` may narrow them. Among them, one whose (upstream, model) is
+        neither parked nor cooling is preferred, the configured provider's upstreams by
+        weight before each fallback in turn; with nowhere else to go, a parked or cooling
+        model is tried anyway: the client then gets the provider's own answer.
         """
-        chain = [config] if pinned else [config, *config.fallbacks]
-        chain = [p for p in chain if endpoint.local_path in p.endpoints]
         tried = set(tried)
         with self._lock:
             now = self._clock()
-            for fresh_only in (True, False):
-                for provider in chain:
-                    upstreams = provider.upstreams[:1] if pinned else provider.upstreams
-                    targets = [
-                        Target(provider, u, fallback=provider is not config) for u in upstreams
-                    ]
-                    usable = [
-                        t
-                        for t in targets
-                        if self._usable(t.key, now) and not (fresh_only and t.key in tried)
-                    ]
-                    if usable:
-                        target = self._pick(usable)
-                        self._claim(target.key, now)
-                        return target
+            candidates = [
+                t
+                for t in self.chain(config, stateful, endpoint)
+                if (again or t.key not in tried)
+                and self._usable(t.key, now)
+                and (accept is None or accept(t))
+            ]
+            free = [
+                t
+                for t in candidates
+                if not self.scopes.blocked(t.key, scope_model(t.provider, sent_model), now)
+            ]
+            for pool in (free, candidates):
+                if pool:
+                    first = pool[0].provider
+                    target = self._pick([t for t in pool if t.provider is first])
+                    self._claim(target.key, now)
+                    return target
         return None
 
     def _usable(self, key: str, now: float) -> bool:
         breaker = self._breakers.get(key)
         if breaker is None:
             return True
-        if breaker.parked_until > now:
-            return False
         if breaker.state is State.HEALTHY:
             return True
         return now >= breaker.until  # cooldown over (or a probe went silent): one probe
@@ -132,7 +165,7 @@ class Breakers:
         """Seconds until the first upstream of the chain can be tried again."""
         now = self._clock()
         ends = [
-            max(b.until, b.parked_until)
+            b.until
             for provider in (config, *config.fallbacks)
             for u in provider.upstreams
             if (b := self._breakers.get(Target(provider, u).key)) is not None
@@ -152,12 +185,38 @@ class Breakers:
             breaker.state = State.COOLING
             breaker.until = self._clock() + breaker.cooldown
 
-    def failed(self, key: str, error_type: str) -> bool:
-        """Note a failure; True when it was a probe's (so the breaker must open again)."""
+    def upstream_failed(self, target: Target, error_type: str) -> None:
+        """A whole-upstream failure (connect, DNS, TLS, a timeout before the headers, a
+        health check, a 5xx on a route without a model), counted in the upstream's own
+        window. The breaker opens when a probe failed, or when the window fills while the
+        upstream was healthy and somewhere else can serve: failures of requests already in
+        flight when it opened do not stretch the pause."""
         with self._lock:
-            breaker = self._breakers.setdefault(key, _Breaker())
+            breaker = self._breakers.setdefault(target.key, _Breaker())
             breaker.last_error = error_type
-            return breaker.state is State.PROBING
+            probe_failed = breaker.state is State.PROBING
+            was_healthy = breaker.state is State.HEALTHY
+            full = self.scopes.failed(target.key, None, self._clock())
+        if probe_failed or (was_healthy and full and self.healthy_elsewhere(target)):
+            self.open(target.key, target.provider.cooldown)
+
+    def model_failed(self, target: Target, model: str, error_type: str) -> None:
+        """A model's failure (its 5xx, its stream cut or gone silent), counted in the
+        (upstream, model) window. When that fills and somewhere else can take its requests,
+        that model alone cools down. The upstream answered, so a probe it carried closes the
+        upstream's breaker (as a 429 does), without counting as a recovery."""
+        with self._lock:
+            breaker = self._breakers.setdefault(target.key, _Breaker())
+            breaker.last_error = error_type
+            if breaker.state is State.PROBING:
+                _close(breaker)
+            full = self.scopes.failed(target.key, model, self._clock())
+        if full and self.healthy_elsewhere(target):
+            cooldown = target.provider.cooldown
+            with self._lock:
+                self.scopes.cool(
+                    target.key, model, self._clock(), cooldown.initial_secs, cooldown.max_secs
+                )
 
     def succeeded(self, key: str) -> bool:
         """Close the breaker; True when it was open (cooling or probing)."""
@@ -176,10 +235,17 @@ class Breakers:
                 breaker.state = State.COOLING
                 breaker.until = self._clock()
 
-    def park(self, key: str, seconds: float) -> None:
+    def park(self, key: str, model: str | None, seconds: float) -> None:
+        """A 429 on an operator key: skip (upstream, model) for ``seconds`` where possible."""
         with self._lock:
-            breaker = self._breakers.setdefault(key, _Breaker())
-            breaker.parked_until = self._clock() + seconds
+            now = self._clock()
+            self.scopes.park(key, model, now + seconds, now)
+
+    def model_succeeded(self, key: str, model: str | None) -> None:
+        """A model answered: its next cool-down starts from the initial pause again."""
+        if model is not None and self.scopes.holds(key):  # the common path takes no lock
+            with self._lock:
+                self.scopes.succeeded(key, model)
 
     # --- what /health and /metrics read ------------------------------------------------
 
@@ -202,17 +268,43 @@ class Breakers:
             for u in p.upstreams
         )
 
-    def describe(self, config: ProviderConfig) -> list[dict[str, str | None]]:
-        """Each upstream of the chain for /health: provider, name, state, last error."""
+    def describe(self, config: ProviderConfig) -> list[dict[str, Any]]:
+        """Each upstream of the chain for /health: provider, name, state, last error, and
+        its parked and cooling models (at most ``MAX_LISTED_SCOPES`` each, plus counts)."""
+        described = []
+        for p in (config, *config.fallbacks):
+            for u in p.upstreams:
+                key = Target(p, u).key
+                parked, cooling = self.scoped(key)
+                described.append(
+                    {
+                        "provider": p.name,
+                        "name": u.name,
+                        "state": self.state(key).name.lower(),
+                        "last_error": self.last_error(key),
+                        "parked": self._listed(parked),
+                        "parked_count": len(parked),
+                        "cooling": self._listed(cooling),
+                        "cooling_count": len(cooling),
+                    }
+                )
+        return described
+
+    def scoped(self, key: str) -> tuple[list[tuple[str | None, float]], ...]:
+        """(model, until) of this upstream's parked scopes, and of its cooling models."""
+        with self._lock:
+            now = self._clock()
+            return self.scopes.parked(key, now), self.scopes.cooling(key, now)
+
+    def _listed(self, scopes: list[tuple[str | None, float]]) -> list[dict[str, Any]]:
+        now, wall = self._clock(), self._wall()
         return [
             {
-                "provider": p.name,
-                "name": u.name,
-                "state": self.state(Target(p, u).key).name.lower(),
-                "last_error": self.last_error(Target(p, u).key),
+                "model": model,
+                "until": round(wall + until - now, 3),
+                "seconds_left": round(until - now, 3),
             }
-            for p in (config, *config.fallbacks)
-            for u in p.upstreams
+            for model, until in scopes[:MAX_LISTED_SCOPES]
         ]
 
     def healthy_elsewhere(self, target: Target) -> bool:

@@ -93,33 +93,45 @@ return wait
 """
 )
 
-# KEYS: [1] failure times (zset), [2] state hash, [3] recent request ids (list).
-# ARGV: now, window s, threshold, throttle s, request id, samples kept, times kept,
-# state TTL s. Returns {alert raised (0/1), failures in window, recent ids newest first}.
+# KEYS: [1] failed requests (zset: request id -> last failure), [2] state hash, [3] recent
+# request ids (list), [4] models (hash: model -> last failure). ARGV: now, window s,
+# threshold, throttle s, request id, samples kept, times kept, state TTL s, model ('' none).
+# A request that fails again counts once. Returns {alert raised (0/1), failed requests in
+# window, recent ids newest first, models in the window}.
 RECORD_FAILURE = (
     _NOW
     + """
 local window, threshold, throttle = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-redis.call('ZADD', KEYS[1], now, seq)
+local added = redis.call('ZADD', KEYS[1], now, ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - window))
 redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(tonumber(ARGV[7]) + 1))
 local count = redis.call('ZCARD', KEYS[1])
-redis.call('LPUSH', KEYS[3], ARGV[5])
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
-if redis.call('HGET', KEYS[2], 'alerting') == '1' then
-  redis.call('HINCRBY', KEYS[2], 'since', 1)
+if added == 1 then
+  redis.call('LPUSH', KEYS[3], ARGV[5])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[6]) - 1)
+  if redis.call('HGET', KEYS[2], 'alerting') == '1' then
+    redis.call('HINCRBY', KEYS[2], 'since', 1)
+  end
+end
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[9], fmt(now))
 end
 local last = tonumber(redis.call('HGET', KEYS[2], 'last_alert'))
 local alert = 0
+local models = {}
 if count >= threshold and (last == nil or now - last >= throttle) then
   redis.call('HSET', KEYS[2], 'alerting', '1', 'last_alert', fmt(now), 'since', '0')
   alert = 1
+  local seen = redis.call('HGETALL', KEYS[4])
+  for i = 1, #seen, 2 do
+    if tonumber(seen[i + 1]) > now - window then table.insert(models, seen[i]) end
+  end
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
 redis.call('PEXPIRE', KEYS[3], math.ceil(window * 1000) + 1000)
+redis.call('PEXPIRE', KEYS[4], math.ceil(window * 1000) + 1000)
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[8]) * 1000))
-return {alert, count, redis.call('LRANGE', KEYS[3], 0, -1)}
+return {alert, count, redis.call('LRANGE', KEYS[3], 0, -1), models}
 """
 )
 
@@ -131,7 +143,7 @@ if redis.call('HGET', KEYS[2], 'alerting') ~= '1' then
 end
 local since = tonumber(redis.call('HGET', KEYS[2], 'since')) or 0
 redis.call('HSET', KEYS[2], 'alerting', '0')
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
 return since
 """
 
@@ -158,7 +170,7 @@ class Keys:
     def window(self, key: str) -> list[str]:
         tag = key if _READABLE_TAG.fullmatch(key) else _digest(key)
         stem = f"{self.base}fw:{{{tag}}}"
-        return [f"{stem}:times", f"{stem}:state", f"{stem}:recent"]
+        return [f"{stem}:times", f"{stem}:state", f"{stem}:recent", f"{stem}:models"]
 
 
 def _digest(text: str) -> str:
@@ -342,6 +354,7 @@ class RedisFailureTracker:
             MAX_SAMPLE_REQUEST_IDS,
             MAX_REMEMBERED_FAILURES,
             repr(s.state_ttl),
+            failure.model or "",
         ]
         result = self._link.run(
             "record_failure", lambda: self._failure(keys=self._keys.window(key), args=args)
@@ -349,7 +362,7 @@ class RedisFailureTracker:
         if isinstance(result, _Local):
             return self._fallback.record_failure(key, failure)
         self._recheck_at.pop(key, None)  # the next success asks Redis
-        alerted, count, recent = result
+        alerted, count, recent, models = result
         if not alerted:
             return None
         provider, upstream = split_key(key)
@@ -362,6 +375,7 @@ class RedisFailureTracker:
             last_error_type=failure.error_type,
             last_status=failure.status,
             sample_request_ids=tuple(_text(r) for r in reversed(recent)),
+            models=tuple(sorted(_text(m) for m in models)),
         )
 
     def record_success(self, key: str) -> Recovery | None:
