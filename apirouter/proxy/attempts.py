@@ -92,7 +92,9 @@ class Attempts:
         body_limit: int,
     ) -> Sent:
         plan = _Plan(request, ctx, config, match, client_key, body_limit, started=self.clock())
-        plan.pinned = match.endpoint.local_path.startswith(STATEFUL_PREFIXES)
+        plan.pinned = match.endpoint.passthrough or match.endpoint.local_path.startswith(
+            STATEFUL_PREFIXES
+        )
         target = self._choose(plan)
         while True:
             try:
@@ -139,7 +141,7 @@ class Attempts:
         return target
 
     def _prepare(self, plan: _Plan, target: Target) -> tuple[Endpoint, Body]:
-        endpoint = target.provider.endpoints[plan.match.endpoint.local_path]
+        endpoint = routed_endpoint(target.provider, plan.match)
         mapping = target.provider.model_mapping
         body = plan.request.read_body(endpoint, mapping, plan.body_limit)
         if body.stream and not endpoint.stream_support:
@@ -210,6 +212,9 @@ class Attempts:
             or len(plan.tried) >= policy.max_attempts
             or not body.replayable
             or (reason == "timeout" and plan.match.endpoint.local_path not in COMPLETION_ROUTES)
+            # passed through: what it does upstream is unknown, so once it reached the
+            # upstream it is never sent again
+            or (plan.match.endpoint.passthrough and reason != "connect")
         ):
             return None
         budget = policy.budget_seconds
@@ -238,6 +243,14 @@ class Attempts:
         plan.ctx.target, plan.ctx.upstream_status = None, None
         if plan.ctx.trace is not None:
             plan.ctx.trace.attempt_ended(plan.ctx.upstream_status, error)
+
+
+def routed_endpoint(provider: ProviderConfig, match: Match[Endpoint]) -> Endpoint:
+    """The route as ``provider`` serves it (a fallback has its own settings for it); a
+    passed-through request stays with the provider whose route matched."""
+    if match.endpoint.passthrough:
+        return match.endpoint
+    return provider.endpoints[match.endpoint.local_path]
 
 
 def _reason(error: errors.UpstreamFailure) -> str | None:

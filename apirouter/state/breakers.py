@@ -83,7 +83,7 @@ class Breakers:
         that has switched this route off is skipped.
         """
         chain = [config] if pinned else [config, *config.fallbacks]
-        chain = [p for p in chain if endpoint.local_path in p.endpoints]
+        chain = [p for p in chain if endpoint.passthrough or endpoint.local_path in p.endpoints]
         tried = set(tried)
         with self._lock:
             now = self._clock()
