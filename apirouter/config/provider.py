@@ -932,7 +932,7 @@ def _endpoint(local_path: str, spec: dict[str, Any], defaults: dict[str, Any]) -
         methods=tuple(spec.get("methods") or [spec.get("method", "POST")]),
         headers=spec.get("headers", MappingProxyType({})),
         stream_support=spec.get("streamSupport", True),
-        body_kinds=spec.get("bodyKinds") or _older_body_kinds(spec),
+        body_kinds=frozenset(spec.get("bodyKinds") or _older_body_kinds(spec)),
         requires_model=spec.get("requiresModel", True),
         max_body_bytes=spec.get("maxBodyBytes"),
         rate_limit=spec["rateLimit"],
