@@ -54,6 +54,7 @@ class RouterError(Exception):
     status: int = 500
     error_type: str = "internal_error"
     openai_type: str = "server_error"
+    anthropic_type: str = "api_error"  # the error shape on Anthropic's routes (/v1/messages)
     sentry_level: SentryLevel = "error"
     reported: bool = True
     upstream_failure: bool = False
@@ -71,11 +72,20 @@ class RouterError(Exception):
         error = {"message": self.message, "type": self.openai_type, "code": self.error_type}
         return json.dumps({"error": error}).encode()
 
+    def anthropic_body(self) -> bytes:
+        """Anthropic's error shape, for its SDK on its routes:
+        ``{"type": "error", "error": {"type", "message"}}``. The router's own code (the
+        OpenAI shape's ``code``) stays in the message."""
+        message = f"{self.message} (apirouter: {self.error_type})"
+        error = {"type": self.anthropic_type, "message": message}
+        return json.dumps({"type": "error", "error": error}).encode()
+
 
 class ClientError(RouterError):
     """The client sent something we cannot accept. Not a Sentry event by default."""
 
     openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
     sentry_level: SentryLevel = "info"
     reported = False
 
@@ -93,11 +103,13 @@ class Unauthorized(ClientError):
     status = 401
     error_type = "unauthorized"
     openai_type = "authentication_error"
+    anthropic_type = "authentication_error"
 
 
 class NotFound(ClientError):
     status = 404
     error_type = "not_found"
+    anthropic_type = "not_found_error"
 
 
 class MethodNotAllowed(ClientError):
@@ -115,6 +127,7 @@ class MethodNotAllowed(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     error_type = "payload_too_large"
+    anthropic_type = "request_too_large"
 
 
 class URITooLong(ClientError):
@@ -131,6 +144,7 @@ class RateLimited(ClientError):
     status = 429
     error_type = "rate_limited"
     openai_type = "rate_limit_error"
+    anthropic_type = "rate_limit_error"
 
     def __init__(self, message: str, retry_after_seconds: int) -> None:
         super().__init__(message)
@@ -162,6 +176,7 @@ class NoHealthyUpstream(RouterError):
 
     status = 503
     error_type = "no_healthy_upstream"
+    anthropic_type = "overloaded_error"
     sentry_level: SentryLevel = "warning"
 
     def __init__(self, message: str, retry_after_seconds: int) -> None:
@@ -182,6 +197,7 @@ class OverCapacity(RouterError):
 
     status = 503
     error_type = "over_capacity"
+    anthropic_type = "overloaded_error"
     openai_type = "server_error"
     sentry_level: SentryLevel = "warning"
     reported = False
@@ -243,6 +259,7 @@ class UpstreamStreamCut(UpstreamFailure):
 class UpstreamTimeout(UpstreamFailure):
     status = 504
     error_type = "upstream_timeout"
+    anthropic_type = "timeout_error"
 
 
 class UpstreamServerError(UpstreamFailure):

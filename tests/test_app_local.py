@@ -97,11 +97,11 @@ def test_stream_on_endpoint_without_stream_support_is_400(router):
 
 
 def test_unknown_route_is_404_and_wrong_method_is_405(router):
-    response = httpx.get(router.url + "/v1/nope")
+    response = httpx.get(router.url + "/v2/nope")
     assert_openai_error(response, 404, "not_found", "unknown path")
-    response = httpx.get(router.url + CHAT)
-    assert_openai_error(response, 405, "method_not_allowed", "use POST")
-    assert response.headers["Allow"] == "POST"
+    response = httpx.put(router.url + CHAT)
+    assert_openai_error(response, 405, "method_not_allowed", "use POST or GET")
+    assert response.headers["Allow"] == "POST, GET"
     response = httpx.post(router.url + "/health")
     assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
 
@@ -168,8 +168,8 @@ def test_models_come_from_the_config(make_router):
 def test_metrics_exposition(router, httpserver):
     httpserver.expect_request(CHAT).respond_with_json(CHAT_COMPLETION)
     httpx.post(router.url + CHAT, json={"model": "m"})
-    httpx.get(router.url + "/v1/does-not-exist-1")
-    httpx.get(router.url + "/v1/does-not-exist-2")
+    httpx.get(router.url + "/does-not-exist-1")
+    httpx.get(router.url + "/does-not-exist-2")
     response = httpx.get(router.url + "/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text

@@ -103,6 +103,7 @@ def test_check_config_json_schema():
         "target": "openai",
         "source": "provider 'openai' (shipped)",
         "provider": "openai",
+        "passthrough": "on: every /v1/ path no route matches, admin APIs excepted",
         "ok": True,
         "problems": [],
         "health_checks": [],  # which key each health check carries (openai has none)

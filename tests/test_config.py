@@ -54,8 +54,9 @@ def test_shipped_base_urls_are_openai_compatible_endpoints():
     assert load("gemini").base_url == "https://generativelanguage.googleapis.com/v1beta/openai"
     assert load("cohere").base_url == "https://api.cohere.ai/compatibility/v1"
     anthropic = load("anthropic")
-    assert anthropic.endpoints["/v1/messages"].key_header == "x-api-key"
-    assert anthropic.endpoints["/v1/chat/completions"].key_header == "authorization"  # Bearer
+    # Anthropic's API takes its key as x-api-key on every route, pass-through included
+    assert {e.key_header for e in anthropic.endpoints.values()} == {"x-api-key"}
+    assert anthropic.passthrough_endpoint.key_header == "x-api-key"
 
 
 def test_default_provider_is_qwen():

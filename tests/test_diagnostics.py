@@ -119,7 +119,11 @@ def test_literal_keys_and_unset_key_variables_are_warned_about():
                     {"baseUrl": "https://b.example/v1", "apiKeyEnv": "B_KEY"},
                 ],
                 "headers": {"Authorization": "Bearer sk-literal-0123456789"},
-                "endpoints": {"/v1/messages": {"headers": {"x-api-key": "literal"}}},
+                "endpoints": {
+                    "/v1/messages": {"headers": {"x-api-key": "literal"}},
+                    "/v1/models/{model}": {"methods": ["GET"]},
+                },
+                "passthrough": ["files"],
             }
         ),
         source="t",

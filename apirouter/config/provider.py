@@ -2,10 +2,10 @@
 
 The JSON schema keeps the older router's camelCase names so operators can migrate:
 ``name``, ``baseUrl``, ``headers``, ``modelMapping``, ``keyHeader``, ``endpoints`` (keyed by
-local path: ``upstreamPath``, ``method``, ``headers``, ``streamSupport``,
-``requiresMultipart``, ``rateLimit``, ``streamConfig``, ``keyHeader``), ``rateLimit``
-(``requestsPerMinute``, ``burst``), ``streamConfig`` (``bufferSize``,
-``heartbeatIntervalSecs``) and ``port``.
+local path: ``upstreamPath``, ``method``, ``headers``, ``streamSupport``, ``bodyKinds``
+(or the older ``requiresMultipart``), ``rateLimit``, ``streamConfig``, ``keyHeader``),
+``rateLimit`` (``requestsPerMinute``, ``burst``), ``streamConfig`` (``bufferSize``,
+``heartbeatIntervalSecs``), ``passthrough`` and ``port``.
 
 ``parse`` reports *every* problem at once, each with its JSON path, because an operator
 fixing a config in CI should not need one run per typo. ``ConfigStore`` keeps the last good
@@ -28,14 +28,17 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from apirouter.config import passthrough as passing
 from apirouter.config.headers import HOP_BY_HOP, KEY_HEADERS, SET_BY_CLIENT_LIBRARY
-from apirouter.config.routes import PLACEHOLDER, RouteTable, placeholders, shape
+from apirouter.config.routes import PLACEHOLDER, Match, RouteTable, placeholders, shape
 
 log = logging.getLogger("apirouter.config")
 
 DEFAULT_PROVIDER = "qwen"
 DEFAULT_PORT = 8000
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+JSON_BODY, MULTIPART_BODY = "json", "multipart"
+BODY_KINDS = (JSON_BODY, MULTIPART_BODY)
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # A provider name is a metrics label and a Sentry tag: short, lowercase, no spaces.
 # Shared with anything else that names a provider (test-alert's --provider).
@@ -87,12 +90,16 @@ class Endpoint:
     methods: tuple[str, ...] = ("POST",)
     headers: Mapping[str, str] = field(default_factory=dict)
     stream_support: bool = True
-    requires_multipart: bool = False
+    body_kinds: frozenset[str] = frozenset({JSON_BODY})  # what a POST body may be
     requires_model: bool = True
     max_body_bytes: int | None = None  # None: APIROUTER_MAX_BODY_BYTES applies
     rate_limit: RateLimit | None = None  # None: the environment's default applies
     stream_config: StreamConfig = StreamConfig()
     key_header: str = "authorization"
+    # a passed-through path (``passthrough``): any method; a JSON body is read whole and
+    # its model mapped, any other body is streamed as it came; never retried, never sent
+    # to a fallback (stateful)
+    passthrough: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,12 @@ class ProviderConfig:
     cooldown: Cooldown = Cooldown()
     health_check: HealthCheck | None = None
     fallbacks: tuple[ProviderConfig, ...] = ()  # in order; their own fallbacks are not followed
+    passthrough: bool | frozenset[str] = True  # True, False, or the families let through
+    # built-in routes the config switched off (``enabled: false``): 404, never passed through
+    disabled: frozenset[str] = frozenset()
+    # what a passed-through request is, before its label: the provider's key header,
+    # rate limit and stream settings
+    passthrough_endpoint: Endpoint = Endpoint("other", "{path}", passthrough=True)
 
     @property
     def base_url(self) -> str:
@@ -158,6 +171,29 @@ class ProviderConfig:
     def routes(self) -> RouteTable[Endpoint]:
         return RouteTable(self.endpoints)
 
+    def match(self, raw_path: str) -> Match[Endpoint] | None:
+        """The route of ``raw_path``: a template, else pass-through (see
+        ``config.passthrough``), else None (404)."""
+        found = self.routes.match(raw_path)
+        if found is not None or not raw_path.startswith(passing.PREFIX):
+            return found
+        if self._disabled_routes.match(raw_path) is not None:
+            return None
+        family = passing.family(raw_path)
+        if family is None or not passing.allowed(family, self.passthrough):
+            return None
+        return Match(self._passthrough_endpoints[passing.label(family)], {"path": raw_path[3:]})
+
+    @cached_property
+    def _disabled_routes(self) -> RouteTable[str]:
+        return RouteTable({template: template for template in self.disabled})
+
+    @cached_property
+    def _passthrough_endpoints(self) -> dict[str, Endpoint]:
+        """One endpoint per label, made once: the label is the route in metrics and logs."""
+        labels = [passing.OTHER, *(passing.label(f) for f in passing.FAMILIES)]
+        return {label: replace(self.passthrough_endpoint, local_path=label) for label in labels}
+
 
 # The routes every provider serves unless its config says otherwise. Upstream paths are
 # relative to baseUrl, which carries the provider's OpenAI-compatible prefix (/v1,
@@ -165,24 +201,31 @@ class ProviderConfig:
 # The default upstream path is the local one without its /v1 prefix. Routes whose body has
 # no `model` (files, batches, cancels) or an optional one (images, moderations) say so.
 _NO_MODEL: dict[str, Any] = {"requiresModel": False}
-_MULTIPART: dict[str, Any] = {"requiresMultipart": True}
+_MULTIPART: dict[str, Any] = {"bodyKinds": [MULTIPART_BODY]}
+_JSON_OR_MULTIPART: dict[str, Any] = {"bodyKinds": [JSON_BODY, MULTIPART_BODY]}
 DEFAULT_ENDPOINTS: Mapping[str, dict[str, Any]] = {
-    "/v1/chat/completions": {},
+    # GET lists stored completions; {id} reads, updates (POST: metadata) or deletes one
+    "/v1/chat/completions": {"methods": ["POST", "GET"]},
+    "/v1/chat/completions/{id}": {"methods": ["GET", "POST", "DELETE"], **_NO_MODEL},
+    "/v1/chat/completions/{id}/messages": {"methods": ["GET"]},
     "/v1/completions": {},
     "/v1/embeddings": {"streamSupport": False},
     "/v1/messages": {},
     "/v1/messages/count_tokens": {"streamSupport": False},
     "/v1/responses": _NO_MODEL,
     "/v1/responses/{id}": {"methods": ["GET", "DELETE"]},
+    # fixed segments, never an {id}: exact paths win over templates
+    "/v1/responses/compact": _NO_MODEL,
+    "/v1/responses/input_tokens": _NO_MODEL,
     "/v1/responses/{id}/cancel": _NO_MODEL,
     "/v1/responses/{id}/input_items": {"methods": ["GET"]},
     "/v1/models": {"methods": ["GET"]},
-    "/v1/models/{model}": {"methods": ["GET"]},
+    "/v1/models/{model}": {"methods": ["GET", "DELETE"]},  # DELETE: a fine-tuned model
     "/v1/audio/transcriptions": _MULTIPART,
     "/v1/audio/translations": _MULTIPART,
     "/v1/audio/speech": {"streamSupport": False},
-    "/v1/images/generations": {**_NO_MODEL, "streamSupport": False},
-    "/v1/images/edits": {**_NO_MODEL, **_MULTIPART},
+    "/v1/images/generations": _NO_MODEL,  # streams with "stream": true (partial images)
+    "/v1/images/edits": {**_NO_MODEL, **_JSON_OR_MULTIPART},
     "/v1/images/variations": {**_NO_MODEL, **_MULTIPART},
     "/v1/moderations": {**_NO_MODEL, "streamSupport": False},
     # OpenAI accepts uploads of up to 512 MB; they are streamed, never held in memory.
@@ -197,6 +240,8 @@ DEFAULT_ENDPOINTS: Mapping[str, dict[str, Any]] = {
     "/v1/batches": {"methods": ["POST", "GET"], **_NO_MODEL},
     "/v1/batches/{id}": {"methods": ["GET"]},
     "/v1/batches/{id}/cancel": _NO_MODEL,
+    # an upload's parts are up to 64 MB each: streamed upstream, never held whole
+    "/v1/uploads/{id}/parts": {**_NO_MODEL, **_MULTIPART, "maxBodyBytes": 80 * 1024 * 1024},
 }
 
 
@@ -527,6 +572,36 @@ def _stream_config(value: Any, path: str, problems: Problems) -> StreamConfig | 
     )
 
 
+def _body_kinds(value: Any, path: str, problems: Problems) -> frozenset[str] | None:
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(kind not in BODY_KINDS for kind in value)
+        or len(set(value)) != len(value)
+    ):
+        problems.append(
+            Problem(path, f"must be a non-empty array of: {', '.join(BODY_KINDS)}, each once")
+        )
+        return None
+    return frozenset(value)
+
+
+def _passthrough(value: Any, path: str, problems: Problems) -> bool | frozenset[str] | None:
+    if isinstance(value, bool):
+        return value
+    families = sorted(passing.FAMILIES)
+    if not isinstance(value, list) or any(item not in passing.FAMILIES for item in value):
+        problems.append(
+            Problem(
+                path,
+                "must be true, false or an array of API families",
+                f"families: {', '.join(families)} (admin APIs are never passed through)",
+            )
+        )
+        return None
+    return frozenset(value)
+
+
 _ENDPOINT_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "upstreamPath": _template,
     "method": _method,
@@ -534,7 +609,8 @@ _ENDPOINT_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "enabled": _boolean,
     "headers": _headers,
     "streamSupport": _boolean,
-    "requiresMultipart": _boolean,
+    "bodyKinds": _body_kinds,
+    "requiresMultipart": _boolean,  # the older router's name: true is bodyKinds ["multipart"]
     "requiresModel": _boolean,
     "maxBodyBytes": _int_range(1, 1 << 40),
     "rateLimit": _rate_limit,
@@ -563,6 +639,8 @@ def _endpoints(value: Any, path: str, problems: Problems) -> dict[str, dict[str,
             )
         if "method" in parsed and "methods" in parsed:
             problems.append(Problem(where, "give method or methods, not both"))
+        if "bodyKinds" in parsed and "requiresMultipart" in parsed:
+            problems.append(Problem(where, "give bodyKinds or requiresMultipart, not both"))
         upstream = parsed.get("upstreamPath") or ""
         unknown = set(placeholders(upstream)) - set(placeholders(local_path))
         if unknown:
@@ -731,6 +809,7 @@ _PROVIDER_FIELDS: dict[str, Callable[[Any, str, Problems], Any]] = {
     "cooldown": _cooldown,
     "healthCheck": _health_check,
     "fallbacks": _fallbacks,
+    "passthrough": _passthrough,
 }
 
 
@@ -760,9 +839,10 @@ def _provider(
         "streamConfig": stream_config,
         "keyHeader": parsed.get("keyHeader", "authorization"),
     }
+    specs = {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}
     endpoints = {
         local: _endpoint(local, spec, provider_defaults)
-        for local, spec in {**DEFAULT_ENDPOINTS, **_merged(parsed.get("endpoints", {}))}.items()
+        for local, spec in specs.items()
         if spec.get("enabled", True)
     }
     base_url: str = parsed.get("baseUrl") or ""
@@ -787,6 +867,9 @@ def _provider(
         cooldown=parsed.get("cooldown") or Cooldown(),
         health_check=parsed.get("healthCheck"),
         fallbacks=fallbacks,
+        passthrough=parsed.get("passthrough", True),
+        disabled=frozenset(specs.keys() - endpoints.keys()),
+        passthrough_endpoint=_passthrough_endpoint(provider_defaults),
     )
 
 
@@ -834,6 +917,8 @@ def _merged(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         default = dict(DEFAULT_ENDPOINTS.get(path, {}))
         if "method" in spec:  # a route's own `method` replaces the built-in `methods`
             default.pop("methods", None)
+        if "requiresMultipart" in spec:  # the older name replaces the built-in bodyKinds
+            default.pop("bodyKinds", None)
         merged[path] = {**default, **spec}
     return merged
 
@@ -847,12 +932,33 @@ def _endpoint(local_path: str, spec: dict[str, Any], defaults: dict[str, Any]) -
         methods=tuple(spec.get("methods") or [spec.get("method", "POST")]),
         headers=spec.get("headers", MappingProxyType({})),
         stream_support=spec.get("streamSupport", True),
-        requires_multipart=spec.get("requiresMultipart", False),
+        body_kinds=frozenset(spec.get("bodyKinds") or _older_body_kinds(spec)),
         requires_model=spec.get("requiresModel", True),
         max_body_bytes=spec.get("maxBodyBytes"),
         rate_limit=spec["rateLimit"],
         stream_config=spec["streamConfig"],
         key_header=spec["keyHeader"],
+    )
+
+
+def _older_body_kinds(spec: dict[str, Any]) -> frozenset[str]:
+    """``requiresMultipart`` (the older router's boolean) read as ``bodyKinds``."""
+    return frozenset({MULTIPART_BODY if spec.get("requiresMultipart") else JSON_BODY})
+
+
+def _passthrough_endpoint(defaults: dict[str, Any]) -> Endpoint:
+    """A passed-through request, before it is labelled with its family: any method, any
+    body, the path as the client sent it, the provider's key header and limits."""
+    return Endpoint(
+        local_path=passing.OTHER,
+        upstream_path="{path}",
+        methods=METHODS,
+        requires_model=False,
+        body_kinds=frozenset(BODY_KINDS),
+        rate_limit=defaults["rateLimit"],
+        stream_config=defaults["streamConfig"],
+        key_header=defaults["keyHeader"],
+        passthrough=True,
     )
 
 

@@ -487,6 +487,8 @@ def _render_check(report: diagnostics.CheckReport, code: int) -> None:
     for file in report.files:
         verdict = "[green]SUCCESS[/green]" if file.ok else "[red]FAILED[/red]"
         out.print(f"Checking {file.source} ... {verdict}", soft_wrap=True)
+        if file.passthrough is not None:
+            out.print(f"  passthrough: {file.passthrough}", soft_wrap=True)
         print_problems(out, file.problems)
         for line in file.health_checks:
             out.print(f"  {line}", soft_wrap=True)

@@ -47,6 +47,7 @@ class FileReport:
     provider: str | None = None
     problems: list[Problem] = field(default_factory=list)
     health_checks: list[str] = field(default_factory=list)  # which key each one carries
+    passthrough: str | None = None  # what passes through, in words (None: not loaded)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,7 @@ class CheckReport:
                     "target": f.target,
                     "source": f.source,
                     "provider": f.provider,
+                    "passthrough": f.passthrough,
                     "ok": f.ok,
                     "problems": [problem(p) for p in f.problems],
                     "health_checks": f.health_checks,
@@ -209,6 +211,7 @@ def check_file(target: str, settings: Settings | None) -> FileReport:
     report.provider = config.name
     report.problems = lint_config(config, settings)
     report.health_checks = health_check_keys(config, settings)
+    report.passthrough = describe_passthrough(config)
     return report
 
 
@@ -232,6 +235,15 @@ def health_check_keys(config: ProviderConfig, settings: Settings | None) -> list
                 f"(GET {provider.health_check.path}) {carries}"
             )
     return lines
+
+
+def describe_passthrough(config: ProviderConfig) -> str:
+    """Which paths no template matches still go upstream (config ``passthrough``)."""
+    if config.passthrough is False:
+        return "off: paths no route matches get 404"
+    if config.passthrough is True:
+        return "on: every /v1/ path no route matches, admin APIs excepted"
+    return f"on for: {', '.join(sorted(config.passthrough))}"
 
 
 def _read_document(target: str) -> Any:
@@ -333,6 +345,7 @@ def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Probl
     """Things in a valid config that work but are risky."""
     problems = _lint_document({"modelMapping": config.model_mapping})
     problems += _lint_operator_keys(config, settings)
+    problems += _lint_spendable_operator_key(config, settings)
     for provider in (config, *config.fallbacks):
         where = "$" if provider is config else f"$.fallbacks[{provider.name}]"
         for upstream in provider.upstreams:
@@ -358,6 +371,46 @@ def _lint_operator_keys(config: ProviderConfig, settings: Settings | None) -> li
             "set APIROUTER_CLIENT_KEYS, or keep apirouter on a private address",
         )
     ]
+
+
+def _lint_spendable_operator_key(
+    config: ProviderConfig, settings: Settings | None
+) -> list[Problem]:
+    """With an operator key, pass-through of every family lets each client spend it on
+    fine-tuning, evals or videos, and DELETE /v1/models/{model} deletes the operator's
+    fine-tuned models: said even when client keys are required (every holder can)."""
+    if not _supplies_operator_key(config, settings):
+        return []
+    problems = []
+    if config.passthrough is True:
+        problems.append(
+            warning(
+                "$.passthrough",
+                "pass-through is on for every API family, so every client can spend the "
+                "operator's key on any of them (fine-tuning, evals, videos...)",
+                'list the families clients need, e.g. "passthrough": ["vector_stores", '
+                '"files", "conversations"], or false',
+            )
+        )
+    models = config.endpoints.get("/v1/models/{model}")
+    if models is not None and "DELETE" in models.methods:
+        problems.append(
+            warning(
+                '$.endpoints["/v1/models/{model}"]',
+                "DELETE /v1/models/{model} lets every client delete the operator's "
+                "fine-tuned models",
+                'allow reads only: "endpoints": {"/v1/models/{model}": {"methods": ["GET"]}}',
+            )
+        )
+    return problems
+
+
+def _supplies_operator_key(config: ProviderConfig, settings: Settings | None) -> bool:
+    """Whether the router sends a key of its own: a configured key header, an upstream's
+    apiKeyEnv, or DEFAULT_API_KEY."""
+    configured = any(name.lower() in KEY_HEADERS for name in config.headers)
+    from_env = any(u.api_key_env for u in config.upstreams)
+    return configured or from_env or bool(settings and settings.default_api_key)
 
 
 def _lint_literal_keys(config: ProviderConfig, where: str) -> list[Problem]:

@@ -29,7 +29,8 @@ class Admission:
         presented = (key or "").encode()
         if not any(hmac.compare_digest(presented, allowed) for allowed in self._client_keys):
             raise errors.Unauthorized(
-                "Missing or invalid API key: send Authorization: Bearer <key>."
+                "Missing or invalid API key: send Authorization: Bearer <key> "
+                "(or x-api-key: <key>)."
             )
         return self.settings.default_api_key
 

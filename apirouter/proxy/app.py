@@ -32,7 +32,7 @@ from apirouter.observe.report import Reporter
 from apirouter.proxy import inbound
 from apirouter.proxy.admission import Admission
 from apirouter.proxy.answer import Answers
-from apirouter.proxy.attempts import Attempts, Sent
+from apirouter.proxy.attempts import Attempts, Sent, routed_endpoint
 from apirouter.proxy.capacity import build_gate, readiness
 from apirouter.proxy.inbound import Inbound
 from apirouter.proxy.models import alias_model, list_models
@@ -44,7 +44,10 @@ StartResponse = Callable[..., Any]
 _LOCAL_ROUTES = frozenset(("/health", "/health/ready", "/metrics"))
 _LOCAL_METHODS = ("GET", "HEAD")
 _MODELS = "/v1/models"
-_REALTIME = "/v1/realtime"
+# Anthropic's own routes: errors the app writes there take Anthropic's shape, for its SDK
+ANTHROPIC_ROUTES = frozenset(
+    {"/v1/messages", "/v1/messages/count_tokens", "/v1/messages/*", "/v1/complete/*"}
+)
 MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
 
 
@@ -97,7 +100,7 @@ class App:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         config = self.store.current
         path = environ.get("PATH_INFO") or "/"
-        match = None if path in _LOCAL_ROUTES else config.routes.match(routes.raw_path(environ))
+        match, refused = (None, None) if path in _LOCAL_ROUTES else _route(config, environ)
         route = match.endpoint.local_path if match else path
         request = inbound.parse(
             environ, route=route if (match or path in _LOCAL_ROUTES) else "other"
@@ -114,15 +117,17 @@ class App:
         if self.tracer is not None and match is not None:  # proxied requests only
             ctx.trace = self.tracer.begin(ctx)
         try:
+            if refused is not None:
+                raise refused
             response = self._dispatch(request, ctx, config, match)
         except errors.RouterError as error:
-            response = error_response(error)
+            response = error_response(error, anthropic=request.route in ANTHROPIC_ROUTES)
         except Exception as exc:  # never a traceback to the client; reported once in finish
             internal = errors.InternalError(
                 f"Internal error while handling the request ({ctx.request_id})."
             )
             internal.__cause__ = exc
-            response = error_response(internal)
+            response = error_response(internal, anthropic=request.route in ANTHROPIC_ROUTES)
         response.headers.append(("X-Request-ID", ctx.request_id))
         if request.method == "HEAD":  # RFC 9110 §9.3.2: the GET headers, never a body
             response.headers.append(("Content-Length", str(len(response.body))))
@@ -141,6 +146,8 @@ class App:
     ) -> Response:
         if len(request.path) + len(request.query) > MAX_URL_BYTES:
             raise errors.URITooLong(f"The request target exceeds {MAX_URL_BYTES} bytes.")
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            raise _websocket(request.path)
         if match is None and request.route == "other":
             raise _not_found(request.path)
         allowed = match.endpoint.methods if match else _LOCAL_METHODS
@@ -202,7 +209,7 @@ class App:
         match: routes.Match[Endpoint],
     ) -> Response:
         sent = self._forward(request, ctx, config, match)
-        endpoint = sent.target.provider.endpoints[match.endpoint.local_path]
+        endpoint = routed_endpoint(sent.target.provider, match)
         response = self.answers.respond(ctx, endpoint, sent.response)
         response.headers.append(("X-Apirouter-Upstream", sent.target.label))
         return response
@@ -235,13 +242,30 @@ class App:
 # --- helpers ---------------------------------------------------------------------------------
 
 
+def _route(
+    config: ProviderConfig, environ: dict[str, Any]
+) -> tuple[routes.Match[Endpoint] | None, errors.RouterError | None]:
+    """The request's route (a template, else pass-through), or why its path is refused."""
+    try:
+        return config.match(routes.raw_path(environ)), None
+    except errors.BadRequest as refused:
+        return None, refused
+
+
 def _not_found(path: str) -> errors.RouterError:
-    if path == _REALTIME:  # /v1/realtime/client_secrets and /calls are plain HTTP
-        return errors.NotImplementedHere(
-            "The Realtime API uses WebSockets, which apirouter (a WSGI application) cannot "
-            "carry: connect to the provider directly for /v1/realtime."
-        )
-    return errors.NotFound(f"Unknown path {path[:200]!r}: see the README for the endpoints.")
+    return errors.NotFound(
+        f"Unknown path {path[:200]!r}: no route matches it, and it is not passed through "
+        "(admin APIs never are; see the README's endpoint table)."
+    )
+
+
+def _websocket(path: str) -> errors.RouterError:
+    """Realtime over plain HTTP (client secrets, calls, sessions) passes through; only its
+    WebSocket cannot be carried by a WSGI application."""
+    return errors.NotImplementedHere(
+        f"{path[:200]!r} asks for a WebSocket upgrade: WebSockets cannot be carried by "
+        "apirouter (a WSGI application); connect to the provider directly for them."
+    )
 
 
 def build(settings: Settings, target: str | None, *, tracking_enabled: bool = False) -> App:

@@ -161,7 +161,7 @@ class Attempts:
         prepared = plan.bodies.get(provider.name)
         if prepared is not None:
             return prepared
-        endpoint = provider.endpoints[plan.match.endpoint.local_path]
+        endpoint = routed_endpoint(provider, plan.match)
         body = plan.request.read_body(endpoint, provider.model_mapping, plan.body_limit)
         if body.stream and not endpoint.stream_support:
             raise errors.BadRequest(f"Streaming is not supported on {endpoint.local_path}.")
@@ -260,7 +260,7 @@ class Attempts:
             return None
         accept = None
         if reason == "429":
-            endpoint = failed.provider.endpoints[plan.match.endpoint.local_path]
+            endpoint = routed_endpoint(failed.provider, plan.match)
             if not self._operator_key(plan, failed, endpoint):
                 return None  # the client's own quota: another key must not pay for it
             spent = self._key(plan, failed)
@@ -302,6 +302,14 @@ class Attempts:
         plan.ctx.target, plan.ctx.upstream_status = None, None
         if plan.ctx.trace is not None:
             plan.ctx.trace.attempt_ended(plan.ctx.upstream_status, error)
+
+
+def routed_endpoint(provider: ProviderConfig, match: Match[Endpoint]) -> Endpoint:
+    """The route as ``provider`` serves it (a fallback has its own settings for it); a
+    passed-through request stays with the provider whose route matched."""
+    if match.endpoint.passthrough:
+        return match.endpoint
+    return provider.endpoints[match.endpoint.local_path]
 
 
 def _reason(error: errors.UpstreamFailure) -> str | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apirouter import errors
-from apirouter.config.provider import Endpoint
+from apirouter.config.provider import JSON_BODY, MULTIPART_BODY, Endpoint
 
 JSON = "application/json"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -96,10 +96,12 @@ class Inbound:
         where the route needs no ``model``. ``limit`` applies unless the route sets its own;
         it is checked against the declared Content-Length before a byte is read.
 
-        JSON bodies are read whole (the model is found and mapped anywhere inside them).
-        Multipart bodies over ``REPLAYABLE_BYTES`` are streamed (see ``Body``): their model
-        is mapped once, for the provider first asked, and such a body is never sent twice,
-        so a fallback provider never gets to remap it.
+        A route takes the body kinds it declares (``bodyKinds``), told apart by
+        Content-Type. JSON bodies are read whole (the model is found and mapped anywhere
+        inside them). Multipart bodies over ``REPLAYABLE_BYTES`` are streamed (see
+        ``Body``): their model is mapped once, for the provider first asked, and such a body
+        is never sent twice, so a fallback provider never gets to remap it. On a
+        passed-through path any body that is not JSON is streamed as it came.
         """
         if self.method in ("GET", "DELETE", "HEAD"):
             return EMPTY
@@ -108,14 +110,12 @@ class Inbound:
         content_type = self.headers.get("content-type", "")
         media_type = content_type.partition(";")[0].strip().lower()
         limit = endpoint.max_body_bytes or limit
-        if self._raw is None and endpoint.requires_multipart:
+        kind = _body_kind(endpoint, media_type)
+        streamable = endpoint.passthrough or MULTIPART_BODY in endpoint.body_kinds
+        if self._raw is None and streamable and kind != JSON_BODY:
             incoming = open_body(self.environ, limit)
             if incoming.rest is not None:
-                if media_type != "multipart/form-data":
-                    raise _wrong_media_type(endpoint, "multipart/form-data", media_type)
-                self._streamed = multipart_stream(
-                    incoming, content_type, mapping, required=endpoint.requires_model
-                )
+                self._streamed = _streamed(incoming, kind, content_type, mapping, endpoint)
                 return self._streamed
             self._raw = incoming.head
         if self._raw is None:  # read once; a fallback provider maps the same bytes anew
@@ -123,12 +123,12 @@ class Inbound:
         raw = self._raw
         if not raw and not endpoint.requires_model:
             return EMPTY
-        if endpoint.requires_multipart:
-            if media_type != "multipart/form-data":
-                raise _wrong_media_type(endpoint, "multipart/form-data", media_type)
+        if kind == _AS_IT_CAME:
+            return Body(raw, False, content_type or None)
+        if kind == MULTIPART_BODY:
             return multipart_body(raw, content_type, mapping, required=endpoint.requires_model)
-        if media_type != JSON and not media_type.endswith("+json"):
-            raise _wrong_media_type(endpoint, JSON, media_type)
+        if kind is None:
+            raise _wrong_media_type(endpoint, media_type)
         ask_usage = (
             endpoint.stream_config.include_usage and endpoint.local_path in STREAM_OPTIONS_ROUTES
         )
@@ -272,7 +272,41 @@ def _remainder(
         yield bytes(piece)
 
 
-def _wrong_media_type(endpoint: Endpoint, expected: str, got: str) -> errors.RouterError:
+_MEDIA_TYPES = {JSON_BODY: JSON, MULTIPART_BODY: "multipart/form-data"}
+_AS_IT_CAME = "as it came"  # a passed-through body that is not JSON: streamed unread
+
+
+def _body_kind(endpoint: Endpoint, media_type: str) -> str | None:
+    """Which of the route's body kinds ``media_type`` is; None when it is none of them."""
+    is_json = media_type == JSON or media_type.endswith("+json")
+    if is_json and JSON_BODY in endpoint.body_kinds:
+        return JSON_BODY
+    if endpoint.passthrough:
+        return _AS_IT_CAME
+    if media_type == "multipart/form-data" and MULTIPART_BODY in endpoint.body_kinds:
+        return MULTIPART_BODY
+    return None
+
+
+def _streamed(
+    incoming: Incoming,
+    kind: str | None,
+    content_type: str,
+    mapping: Mapping[str, str],
+    endpoint: Endpoint,
+) -> Body:
+    """A body over ``REPLAYABLE_BYTES``, sent upstream as it arrives (refused before its
+    rest is read when the route does not take its kind)."""
+    if kind == _AS_IT_CAME:
+        content = content_type or None
+        return Body(incoming.head, False, content, rest=incoming.rest, length=incoming.length)
+    if kind != MULTIPART_BODY:
+        raise _wrong_media_type(endpoint, content_type.partition(";")[0].strip().lower())
+    return multipart_stream(incoming, content_type, mapping, required=endpoint.requires_model)
+
+
+def _wrong_media_type(endpoint: Endpoint, got: str) -> errors.RouterError:
+    expected = " or ".join(_MEDIA_TYPES[kind] for kind in sorted(endpoint.body_kinds))
     return errors.UnsupportedMediaType(
         f"{endpoint.local_path} expects Content-Type {expected}, got {got or 'none'}."
     )

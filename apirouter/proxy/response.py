@@ -25,9 +25,12 @@ class Response:
     relay: Relay | None = field(default=None, repr=False)  # set: the body is relayed
 
 
-def error_response(error: errors.RouterError) -> Response:
+def error_response(error: errors.RouterError, *, anthropic: bool = False) -> Response:
+    """The error in OpenAI's shape, or (``anthropic``: on Anthropic's routes) in
+    Anthropic's, so each SDK raises its own exception class with the message."""
     headers = [("Content-Type", JSON), *error.response_headers()]
-    return Response(error.status, headers, error.body(), error)
+    body = error.anthropic_body() if anthropic else error.body()
+    return Response(error.status, headers, body, error)
 
 
 def json_response(document: Any, status: int = 200) -> Response:

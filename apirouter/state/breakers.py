@@ -93,7 +93,7 @@ class Breakers:
         return [
             Target(provider, upstream, fallback=provider is not config)
             for provider in providers
-            if endpoint.local_path in provider.endpoints
+            if endpoint.passthrough or endpoint.local_path in provider.endpoints
             for upstream in (provider.upstreams[:1] if stateful else provider.upstreams)
         ]
 
