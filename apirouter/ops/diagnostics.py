@@ -408,9 +408,8 @@ def _lint_spendable_operator_key(
 def _supplies_operator_key(config: ProviderConfig, settings: Settings | None) -> bool:
     """Whether the router sends a key of its own: a configured key header, an upstream's
     apiKeyEnv, or DEFAULT_API_KEY."""
-    configured = any(name.lower() in KEY_HEADERS for name in config.headers)
-    from_env = any(u.api_key_env for u in config.upstreams)
-    return configured or from_env or bool(settings and settings.default_api_key)
+    default_set = bool(settings and settings.default_api_key)
+    return any(key_source(config, upstream, default_set) for upstream in config.upstreams)
 
 
 def _lint_literal_keys(config: ProviderConfig, where: str) -> list[Problem]:
