@@ -99,3 +99,10 @@ def test_a_few_modules_at_the_top_the_rest_in_rooms():
     rooms = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
     assert len(top) <= TOP_LEVEL_LIMIT, top
     assert rooms == sorted(LAYERS[1:]), rooms
+
+
+def test_the_app_stays_small():
+    """The WSGI app orders a request's steps; the steps live in modules of their own."""
+    tree = ast.parse(MODULES["apirouter.proxy.app"].read_text())
+    app = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "App")
+    assert (app.end_lineno or 0) - app.lineno + 1 <= 250
