@@ -6,8 +6,16 @@
 # fails it like any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The fleet tests run a real redis-server (Debian's package); CI runs as root on Debian.
-command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+# The fleet tests run a real redis-server and the deploy/ tests Prometheus's promtool
+# (Debian's packages); CI runs as root on Debian.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v promtool >/dev/null || missing+=(prometheus)
+if ((${#missing[@]})); then
+    apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+# Tests that need a tool skip without it when run by hand; here a missing tool fails them.
+export APIROUTER_TESTS_REQUIRE_TOOLS=1
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 .venv/bin/python -m ruff check .

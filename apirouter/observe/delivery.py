@@ -51,6 +51,7 @@ _STATE_FOR_REASON = {
     "rejected": "rejected",
     "network": "unreachable",
 }
+STATES = ("ok", *_STATE_FOR_REASON.values())  # the words of /health's sentry state
 # the SDK's loss reasons we count, in our words; all others are deliberate or not events
 _SDK_REASONS = {"queue_overflow": "queue_full", "ratelimit_backoff": "rate_limited"}
 _ALERT_QUEUE_SIZE = 10_000  # alerts are throttled per provider: never near this in practice

@@ -51,6 +51,8 @@ class Reporter:
         # Failure windows and buckets: in-process, or shared through Redis (fleet mode).
         events = RedisEventReporter(self.metrics, tracking_enabled)
         self.state = state.build(settings, events, clock=clock)
+        if settings.redis_url:
+            self.metrics.track_redis(lambda: self.state.health()["state"] == "up")
         self.tracker = self.state.tracker
         self.breakers = Breakers(clock)
         self.metrics_per_key = settings.metrics_per_key

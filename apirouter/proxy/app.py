@@ -74,6 +74,9 @@ class App:
             self.upstream, self.reporter.breakers, self.reporter, settings.environment, clock
         )
         self.reporter.watch_upstreams(config)
+        self.metrics.track_can_serve(
+            config.name, lambda: self.reporter.breakers.can_serve(self.store.current)
+        )
         self.health_checker = HealthChecker(
             lambda: self.store.current, self.upstream, self.reporter, settings.environment, clock
         )

@@ -1,0 +1,93 @@
+"""deploy/prometheus: the alerting and recording rules pass ``promtool check rules``, their
+unit tests (``promtool test rules``) show each alert fire and resolve, and every metric they
+read is one a real router's /metrics exports."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from harness import Router
+from promql import PROMETHEUS_OWN, ROOT, exported_names, metric_names, require_tool
+
+RULES = ROOT / "deploy" / "prometheus" / "apirouter-rules.yml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "apirouter-rules.test.yml"
+# Added by the upstream-parking work (#20); tolerated until it has landed.
+NOT_YET_EXPORTED: frozenset[str] = frozenset()
+
+
+def rules() -> Iterator[dict[str, Any]]:
+    for group in yaml.safe_load(RULES.read_text())["groups"]:
+        yield from group["rules"]
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("promtool"), *args],
+        cwd=RULES.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_rules_pass_promtool_check() -> None:
+    result = promtool("check", "rules", RULES.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_unit_tests_pass() -> None:
+    """The cases in apirouter-rules.test.yml: the alert path broken when /health's sentry
+    state is ``rejected``, and each other alert firing and resolving."""
+    result = promtool("test", "rules", RULE_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_tests_cover_every_alert() -> None:
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    alerts = {rule["alert"] for rule in rules() if "alert" in rule}
+    assert alerts - tested == set()
+    assert "ApirouterAlertPathBroken" in alerts
+
+
+@pytest.fixture
+def fleet_metrics(make_router: Callable[..., Router], redis_url: str) -> str:
+    """A real /metrics page, of a router in fleet mode (``apirouter_redis_up`` is only
+    exported there)."""
+    router = make_router(redis_url=redis_url)
+    return httpx.get(f"{router.url}/metrics").text
+
+
+def test_rules_read_only_exported_metrics(fleet_metrics: str) -> None:
+    exported = exported_names(fleet_metrics)
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    used = set().union(*(metric_names(rule["expr"]) for rule in rules()))
+    assert "apirouter_sentry_state" in used
+    unknown = used - exported - recorded - PROMETHEUS_OWN - NOT_YET_EXPORTED
+    assert unknown == set()
+
+
+def test_state_metrics_follow_health(fleet_metrics: str) -> None:
+    """The four state gauges the rules need, with the values /health shows."""
+    assert 'apirouter_sentry_state{state="off"} 1.0' in fleet_metrics
+    assert 'apirouter_sentry_state{state="rejected"} 0.0' in fleet_metrics
+    assert "apirouter_redis_up 1.0" in fleet_metrics
+    assert 'apirouter_can_serve{provider="testprov"} 1.0' in fleet_metrics
+    assert "apirouter_capacity_limit 1024.0" in fleet_metrics
+
+
+def test_name_scanner() -> None:
+    expr = (
+        'sum by (job, le) (rate(a_total{x="b_c"}[5m] offset 1h)) / on(job) group_left '
+        'max without (y) (b) > bool 0.5 or up{job="apirouter"} unless 2 * c:rec'
+    )
+    assert metric_names(expr) == {"a_total", "b", "up", "c:rec"}
