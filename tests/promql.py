@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,6 +79,19 @@ def metric_names(expr: str) -> set[str]:
 def _is_number_word(text: str, match: re.Match[str]) -> bool:
     """``1e3``, ``5m`` (after ``offset``) are not names."""
     return match.start() > 0 and text[match.start() - 1].isdigit()
+
+
+def fleet_metrics_page(make_router: Callable[..., Any], redis_url: str) -> str:
+    """A real /metrics page, of a router in fleet mode (``apirouter_redis_up`` is only
+    exported there)."""
+    router = make_router(redis_url=redis_url)
+    return httpx.get(f"{router.url}/metrics").text
+
+
+def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def exported_names(metrics_text: str) -> set[str]:

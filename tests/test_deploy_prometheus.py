@@ -8,11 +8,11 @@ import subprocess
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from harness import Router
-from promql import PROMETHEUS_OWN, ROOT, exported_names, metric_names, require_tool
+from promql import PROMETHEUS_OWN, ROOT, exported_names, fleet_metrics_page, metric_names
+from promql import promtool as run_promtool
 
 RULES = ROOT / "deploy" / "prometheus" / "apirouter-rules.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "apirouter-rules.test.yml"
@@ -26,13 +26,7 @@ def rules() -> Iterator[dict[str, Any]]:
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [require_tool("promtool"), *args],
-        cwd=RULES.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_promtool(*args, cwd=RULES.parent)
 
 
 def test_rules_pass_promtool_check() -> None:
@@ -61,10 +55,7 @@ def test_rule_tests_cover_every_alert() -> None:
 
 @pytest.fixture
 def fleet_metrics(make_router: Callable[..., Router], redis_url: str) -> str:
-    """A real /metrics page, of a router in fleet mode (``apirouter_redis_up`` is only
-    exported there)."""
-    router = make_router(redis_url=redis_url)
-    return httpx.get(f"{router.url}/metrics").text
+    return fleet_metrics_page(make_router, redis_url)
 
 
 def test_rules_read_only_exported_metrics(fleet_metrics: str) -> None:
