@@ -546,6 +546,37 @@ def test_show_config_unknown_provider_is_a_usage_error():
     assert "unknown provider 'opnai': did you mean 'openai'?" in result.output
 
 
+def test_show_config_with_a_path_says_what_to_run_instead(tmp_path):
+    """Papercut (#23): its hint offered a path it did not accept."""
+    path = write_config(tmp_path / "mine.json", {"baseUrl": "https://example.com/v1"})
+    result = invoke("show-config", str(path))
+    assert result.exit_code == 2
+    assert f"to check your file: apirouter check-config {path}" in result.output
+    assert "or give the path" not in invoke("show-config", "opnai").output
+
+
+def test_serve_help_at_80_columns_cuts_nothing():
+    """Papercut (#23): APIROUTER_MAX_CONCURRENT was cut to APIROUTER_MAX_CONCURREN…"""
+    output = invoke("serve", "--help", env={"COLUMNS": "80"}).output
+    assert "…" not in output
+    assert "APIROUTER_MAX_CONCURRENT," in output
+    assert max(len(line) for line in output.splitlines()) <= 80
+
+
+def test_client_keys_with_upstream_keys_pass_strict(tmp_path):
+    """Papercut (#23): with APIROUTER_CLIENT_KEYS and each upstream's key from apiKeyEnv,
+    an empty DEFAULT_API_KEY is correct, not a warning that fails --strict."""
+    config = {"upstreams": [{"baseUrl": "https://example.com/v1", "apiKeyEnv": "UP_KEY"}]}
+    path = write_config(tmp_path / "keyed.json", config)
+    env = {"APIROUTER_CLIENT_KEYS": "ck", "UP_KEY": "k"}
+    result = invoke("check-config", str(path), "--strict", env=env)
+    assert result.exit_code == 0, result.output
+    keyless = write_config(tmp_path / "keyless.json", {"baseUrl": "https://example.com/v1"})
+    result = invoke("check-config", str(keyless), "--strict", env=env)
+    assert result.exit_code == 3
+    assert "DEFAULT_API_KEY is empty, and upstream example.com has no apiKeyEnv" in result.output
+
+
 def test_gc_tuning_freezes_what_start_up_built():
     """In a process of its own: it changes the collector for the whole process."""
     code = (
