@@ -40,6 +40,8 @@ class SentryCollector(Collector):
 
     def __init__(self, source: Callable[[], DeliveryReport | None]) -> None:
         self._source = source
+        # /health's sentry state, when the app says it (a fleet's check-in result included)
+        self.state_source: Callable[[], str] | None = None
 
     def collect(self) -> Iterable[Metric]:
         suppressed = CounterMetricFamily(
@@ -69,6 +71,8 @@ class SentryCollector(Collector):
         )
         report = self._source()
         current = "off" if report is None else report.state
+        if self.state_source is not None:
+            current = self.state_source()
         for word in SENTRY_STATES:
             state.add_metric([word], 1.0 if word == current else 0.0)
         if report is not None:
@@ -110,7 +114,8 @@ class Metrics:
         self, sentry: Callable[[], DeliveryReport | None] = delivery.current_report
     ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        registry.register(SentryCollector(sentry))
+        self.sentry = SentryCollector(sentry)
+        registry.register(self.sentry)
         self.requests = Counter(
             "apirouter_requests",
             "Requests answered, by route, method and status.",
@@ -278,6 +283,10 @@ class Metrics:
         self.capacity_limit.set(limit)
         for reason in reasons:
             self.requests_refused.labels(reason)
+
+    def track_sentry_state(self, state: Callable[[], str]) -> None:
+        """Read ``apirouter_sentry_state`` from /health's sentry state."""
+        self.sentry.state_source = state
 
     def track_can_serve(self, provider: str, can_serve: Callable[[], bool]) -> None:
         """Export /health's ``can_serve`` for the provider, read at scrape time."""

@@ -20,10 +20,11 @@ from typing import Any
 from apirouter import errors
 from apirouter.config.provider import ConfigInvalid, ProviderConfig
 from apirouter.config.settings import Settings
-from apirouter.observe import tracking
+from apirouter.observe import delivery, tracking
 from apirouter.observe.context import Outcome, RequestContext
 from apirouter.observe.logs import access_log, alert_log
 from apirouter.observe.metrics import Metrics
+from apirouter.observe.monitor import Monitor
 from apirouter.observe.redis_events import RedisEventReporter
 from apirouter.state import backends as state
 from apirouter.state.alerting import Alert, Failure, Recovery
@@ -53,6 +54,12 @@ class Reporter:
         self.state = state.build(settings, events, clock=clock)
         if settings.redis_url:
             self.metrics.track_redis(lambda: self.state.health()["state"] == "up")
+        self.monitor: Monitor | None = None  # the dead man's switch; run by the server
+        if tracking_enabled and settings.sentry_monitor:
+            self.monitor = Monitor(
+                settings.sentry_monitor, settings.sentry_monitor_interval, self.state.check_ins
+            )
+        self.metrics.track_sentry_state(lambda: str(self.sentry_health()["state"]))
         self.tracker = self.state.tracker
         self.breakers = Breakers(clock)
         self.metrics_per_key = settings.metrics_per_key
@@ -67,9 +74,14 @@ class Reporter:
         """Requests begun and not yet finished (streams count until their last byte)."""
         return self._in_flight
 
-    def sentry_health(self) -> dict[str, object]:
-        """Is Sentry accepting what we send? (the /health ``sentry`` object)"""
-        return tracking.health(self.tracking_enabled)
+    def sentry_health(self) -> dict[str, Any]:
+        """Is Sentry accepting what we send? (the /health ``sentry`` object, with the dead
+        man's switch's last check-in when it is on)"""
+        health = tracking.health(self.tracking_enabled)
+        if self.monitor is None:
+            return health
+        report = delivery.current_report()
+        return self.monitor.health(health, report.answered_at if report else None)
 
     def begin(self) -> None:
         with self._lock:

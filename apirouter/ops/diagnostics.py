@@ -242,6 +242,7 @@ def _env_hint(name: str) -> str:
         "LOG_FORMAT": "LOG_FORMAT=text or LOG_FORMAT=json",
         "LOG_LEVEL": "e.g. LOG_LEVEL=warning to drop the per-request lines",
         "APIROUTER_REDIS_URL": "e.g. redis://:PASSWORD@HOST:6379/0, or rediss:// for TLS",
+        "APIROUTER_SENTRY_MONITOR": "a slug such as apirouter-prod, with SENTRY_DSN set",
     }
     return hints.get(name, "see .env.example for the accepted values")
 
