@@ -4,12 +4,16 @@ read is one a real router's /metrics exports."""
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from deploying import blocks, commands
 from harness import Router
 from promql import PROMETHEUS_OWN, ROOT, exported_names, fleet_metrics_page, metric_names
 from promql import promtool as run_promtool
@@ -82,3 +86,20 @@ def test_name_scanner() -> None:
         'max without (y) (b) > bool 0.5 or up{job="apirouter"} unless 2 * c:rec'
     )
     assert metric_names(expr) == {"a_total", "b", "up", "c:rec"}
+
+
+def test_the_readme_commands_run_as_written() -> None:
+    lines = commands("promtool")
+    assert len(lines) == 2
+    for line in lines:
+        result = run_promtool(*shlex.split(line)[1:], cwd=ROOT)
+        assert result.returncode == 0, line + "\n" + result.stdout + result.stderr
+
+
+def test_the_readme_scrape_config_is_valid(tmp_path: Path) -> None:
+    [config] = [block for block in blocks("yaml") if "scrape_configs" in block]
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(RULES, tmp_path / RULES.name)
+    result = run_promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "job_name: apirouter" in config
