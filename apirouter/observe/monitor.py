@@ -40,6 +40,7 @@ class Monitor:
         self._check_ins = check_ins
         self._send = send
         self._wall_clock = wall_clock
+        self.ticks = 0  # intervals this process has tried to claim (start-up included)
 
     def run(self, stopping: threading.Event) -> None:
         """Check in now, then once per interval until ``stopping`` is set."""
@@ -57,6 +58,8 @@ class Monitor:
         except Exception:  # a switch that dies silently would page "router down" for nothing
             log.exception("sending the Sentry check-in failed")
             return False
+        finally:
+            self.ticks += 1
 
     def _answered(self, state: str) -> None:
         self._check_ins.record(CheckInResult(state, self._wall_clock()), self.interval)

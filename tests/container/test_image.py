@@ -114,6 +114,7 @@ def test_the_image_serves_drains_and_stops_cleanly(
     # non-root, read-only root, writable /tmp
     assert container.inspect("{{.Config.User}}") == "10001:10001"
     assert podman("exec", container.id, "id", "-u").stdout.strip() == "10001"
+    assert container.inspect("{{.HostConfig.ReadonlyRootfs}}") == "true"
     assert podman("exec", container.id, "touch", "/opt/x", check=False).returncode != 0
     assert podman("exec", container.id, "touch", "/tmp/x").returncode == 0
 
