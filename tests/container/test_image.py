@@ -111,6 +111,9 @@ def test_the_image_serves_drains_and_stops_cleanly(
     assert reply.status_code == 200 and reply.json() == COMPLETION
     assert reply.headers["X-Apirouter-Upstream"] == "loopback/" + HOST_LOOPBACK
 
+    # no build tools: no compiler, and pip stayed in the build stage
+    tools = "command -v pip || command -v pip3 || command -v gcc || command -v cc"
+    assert podman("exec", container.id, "sh", "-c", tools, check=False).returncode != 0
     # non-root, read-only root, writable /tmp
     assert container.inspect("{{.Config.User}}") == "10001:10001"
     assert podman("exec", container.id, "id", "-u").stdout.strip() == "10001"
