@@ -25,6 +25,7 @@ CLEAN_ENV = {
     name: ""
     for name in (
         "SENTRY_DSN",
+        "APIROUTER_SENTRY_MONITOR",
         "DEFAULT_API_KEY",
         "APIROUTER_CLIENT_KEYS",
         "API_ROUTER_CONFIG_PATH",
@@ -575,6 +576,12 @@ def test_client_keys_with_upstream_keys_pass_strict(tmp_path):
     result = invoke("check-config", str(keyless), "--strict", env=env)
     assert result.exit_code == 3
     assert "DEFAULT_API_KEY is empty, and upstream example.com has no apiKeyEnv" in result.output
+
+
+def test_a_monitor_without_a_dsn_is_a_check_config_error():
+    result = invoke("check-config", "openai", env={"APIROUTER_SENTRY_MONITOR": "apirouter-prod"})
+    assert result.exit_code == 1
+    assert "APIROUTER_SENTRY_MONITOR: needs SENTRY_DSN" in result.output
 
 
 def test_gc_tuning_freezes_what_start_up_built():

@@ -9,6 +9,8 @@ Run by scripts/test.sh after ``scripts/container.sh build`` (marker ``container`
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from clocks import wait_until
+from deploying import commands
 from promql import ROOT, require_tool
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
@@ -58,6 +61,26 @@ class Container:
         return podman("inspect", self.id, "--format", template).stdout.strip()
 
 
+def readme_run_command(config: Path) -> list[str]:
+    """The README's ``scripts/container.sh run`` command, on free host ports and with this
+    test's provider config."""
+    [line] = [c for c in commands("bash") if "scripts/container.sh run" in c]
+    replaced = {
+        "127.0.0.1:8000:8000": "127.0.0.1::8000",
+        "127.0.0.1:9090:9090": "127.0.0.1::9090",
+        "$PWD/my-provider.json": str(config),
+    }
+    assert all(old in line for old in replaced)
+    for old, new in replaced.items():
+        line = line.replace(old, new)
+    return shlex.split(line)
+
+
+def test_the_readme_builds_as_ci_does() -> None:
+    assert "bash scripts/container.sh build" in commands("bash")
+    assert "\nbash scripts/container.sh build\n" in (ROOT / "scripts" / "test.sh").read_text()
+
+
 @pytest.fixture
 def container(httpserver: HTTPServer, tmp_path: Path) -> Iterator[Container]:
     if podman("image", "exists", IMAGE, check=False).returncode != 0:
@@ -68,19 +91,16 @@ def container(httpserver: HTTPServer, tmp_path: Path) -> Iterator[Container]:
     config.chmod(0o644)
     started = subprocess.run(
         [
-            "bash",
-            str(SCRIPT),
-            "run",
+            *readme_run_command(config),
+            # the upstream is on the host's loopback; a short grace keeps the test short
             "--network=slirp4netns:allow_host_loopback=true",
-            "-p=127.0.0.1::8000",
-            "-p=127.0.0.1::9090",
-            f"-v={config}:/etc/apirouter/provider.json:ro",
-            "-e=API_ROUTER_CONFIG_PATH=/etc/apirouter/provider.json",
             f"-e=APIROUTER_SHUTDOWN_GRACE_SECONDS={GRACE_SECONDS}",
         ],
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k not in ("DEFAULT_API_KEY", "SENTRY_DSN")},
     )
     assert started.returncode == 0, started.stderr
     box = Container(started.stdout.strip().splitlines()[-1])
