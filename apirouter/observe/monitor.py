@@ -27,6 +27,9 @@ Send = Callable[[str, int, Callable[[str], None]], bool]  # tracking.capture_che
 
 
 class Monitor:
+    """One process's side of the switch: it tries to claim each interval and, when it
+    wins (always, without a fleet), sends the check-in and keeps Sentry's answer."""
+
     def __init__(
         self,
         slug: str,
