@@ -94,6 +94,15 @@ class Ingest:
         body = json.dumps({"id": envelope.headers.get("event_id")}) if status == 200 else "{}"
         return Response(body, status=status, headers=headers, content_type="application/json")
 
+    def check_ins(self) -> list[dict[str, Any]]:
+        """Cron check-ins (the dead man's switch), oldest first."""
+        return [
+            json.loads(payload)
+            for envelope in list(self.envelopes)
+            for header, payload in envelope.items
+            if header.get("type") == "check_in"
+        ]
+
     def alerts(self) -> list[dict[str, Any]]:
         return [e for e in self.events if "alert_type" in (e.get("tags") or {})]
 

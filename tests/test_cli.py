@@ -25,6 +25,7 @@ CLEAN_ENV = {
     name: ""
     for name in (
         "SENTRY_DSN",
+        "APIROUTER_SENTRY_MONITOR",
         "DEFAULT_API_KEY",
         "APIROUTER_CLIENT_KEYS",
         "API_ROUTER_CONFIG_PATH",
@@ -546,6 +547,48 @@ def test_show_config_unknown_provider_is_a_usage_error():
     result = invoke("show-config", "opnai")
     assert result.exit_code == 2
     assert "unknown provider 'opnai': did you mean 'openai'?" in result.output
+
+
+def test_show_config_with_a_path_says_what_to_run_instead(tmp_path):
+    """Papercut (#23): its hint offered a path it did not accept."""
+    path = write_config(tmp_path / "mine.json", {"baseUrl": "https://example.com/v1"})
+    result = invoke("show-config", str(path))
+    assert result.exit_code == 2
+    assert f"to check your file: apirouter check-config {path}" in result.output
+    assert "or give the path" not in invoke("show-config", "opnai").output
+
+
+def test_serve_help_at_80_columns_cuts_nothing():
+    """Papercut (#23): APIROUTER_MAX_CONCURRENT was cut to APIROUTER_MAX_CONCURREN…"""
+    output = invoke("serve", "--help", env={"COLUMNS": "80"}).output
+    assert "…" not in output
+    assert "APIROUTER_MAX_CONCURRENT," in output
+    assert max(len(line) for line in output.splitlines()) <= 80
+
+
+def test_client_keys_with_upstream_keys_pass_strict(tmp_path):
+    """Papercut (#23): with APIROUTER_CLIENT_KEYS and each upstream's key from apiKeyEnv,
+    an empty DEFAULT_API_KEY is correct, not a warning that fails --strict."""
+    config = {
+        "upstreams": [{"baseUrl": "https://example.com/v1", "apiKeyEnv": "UP_KEY"}],
+        # an operator key: the config keeps clients from spending it on every family
+        "passthrough": ["vector_stores"],
+        "endpoints": {"/v1/models/{model}": {"methods": ["GET"]}},
+    }
+    path = write_config(tmp_path / "keyed.json", config)
+    env = {"APIROUTER_CLIENT_KEYS": "ck", "UP_KEY": "k"}
+    result = invoke("check-config", str(path), "--strict", env=env)
+    assert result.exit_code == 0, result.output
+    keyless = write_config(tmp_path / "keyless.json", {"baseUrl": "https://example.com/v1"})
+    result = invoke("check-config", str(keyless), "--strict", env=env)
+    assert result.exit_code == 3
+    assert "DEFAULT_API_KEY is empty, and upstream example.com has no apiKeyEnv" in result.output
+
+
+def test_a_monitor_without_a_dsn_is_a_check_config_error():
+    result = invoke("check-config", "openai", env={"APIROUTER_SENTRY_MONITOR": "apirouter-prod"})
+    assert result.exit_code == 1
+    assert "APIROUTER_SENTRY_MONITOR: needs SENTRY_DSN" in result.output
 
 
 def test_gc_tuning_freezes_what_start_up_built():

@@ -256,6 +256,9 @@ def test_health_and_metrics_tell_the_servers_answer(
     }
     assert router.sample("apirouter_sentry_delivery_failures_total", {"reason": reason}) == 1
     assert router.sample("apirouter_sentry_last_accepted_timestamp_seconds") == 0
+    # apirouter_sentry_state says the same as /health (the "alert path broken" rule reads it)
+    assert router.sample("apirouter_sentry_state", {"state": state}) == 1
+    assert router.sample("apirouter_sentry_state", {"state": "ok"}) == 0
 
     ingest.status = 200
     if status == 429:  # the SDK keeps backing off; the alert path does not

@@ -111,6 +111,18 @@ def _own_private_names() -> set[str]:
                 names.add(node.name)
             elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
                 names.add(node.attr)
+            if isinstance(node, ast.ClassDef):  # class attributes and dataclass fields
+                names |= {
+                    target.id
+                    for statement in node.body
+                    if isinstance(statement, ast.Assign | ast.AnnAssign)
+                    for target in (
+                        statement.targets
+                        if isinstance(statement, ast.Assign)
+                        else [statement.target]
+                    )
+                    if isinstance(target, ast.Name)
+                }
     return {n for n in names if n.startswith("_")} - DECLARED
 
 

@@ -50,12 +50,15 @@ def test_health_and_metrics_follow_redis(make_router, redis_url, redis_server, h
     assert health["redis"]["state"] == "down" and health["status"] == "ok"
     assert router.sample("apirouter_redis_errors_total", {"operation": "rate_limit"}) == 0
     assert router.sample("apirouter_redis_errors_total", {"operation": "record_success"}) == 1
+    assert router.sample("apirouter_redis_up") == 0
     redis_server.start()
     wait_until(lambda: httpx.get(router.url + "/health").json()["redis"]["state"] == "up")
+    assert router.sample("apirouter_redis_up") == 1
 
 
 def test_without_redis_health_says_off(router):
     assert httpx.get(router.url + "/health").json()["redis"] == {"state": "off"}
+    assert "apirouter_redis_up" not in httpx.get(router.url + "/metrics").text
 
 
 def test_an_outage_logs_once_and_sends_one_event_then_a_recovery(

@@ -229,6 +229,7 @@ def test_nothing_can_serve_503_at_once_and_health_says_so(make_router, httpserve
     assert len(httpserver.log) == 0  # no doomed connection
     health = httpx.get(router.url + "/health").json()
     assert health["can_serve"] is False
+    assert router.sample("apirouter_can_serve", {"provider": "testprov"}) == 0
     assert {(u["provider"], u["state"]) for u in health["upstreams"]} == {
         ("testprov", "cooling"),
         ("backup", "cooling"),

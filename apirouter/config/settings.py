@@ -134,6 +134,28 @@ def _key_list(value: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in value.split(",") if key.strip())
 
 
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,49}")
+
+
+def _monitor_slug(value: str) -> str | None:
+    """A Sentry cron monitor slug: lowercase letters, digits, ``-`` and ``_``, at most 50."""
+    value = value.strip()
+    if value and not _SLUG.fullmatch(value):
+        raise ValueError(
+            "must be a monitor slug: lowercase letters, digits, '-' or '_', at most 50 "
+            "characters (e.g. apirouter-prod)"
+        )
+    return value or None
+
+
+_MONITOR_WITHOUT_DSN = "needs SENTRY_DSN: the check-ins of the dead man's switch go to Sentry"
+
+
+def _minutes(value: str) -> float:
+    """Whole minutes (Sentry's interval schedules have no seconds), kept in seconds."""
+    return 60.0 * int(_positive_int(value))
+
+
 def _host_patterns(value: str) -> tuple[str, ...]:
     """Comma-separated host names or regular expressions, each checked to compile here so
     a typo stops start-up instead of silently never matching."""
@@ -318,6 +340,21 @@ VARIABLES: tuple[Variable, ...] = (
         "counted in apirouter_sentry_events_suppressed_total (alerts are never capped).",
     ),
     Variable(
+        "APIROUTER_SENTRY_MONITOR",
+        "sentry_monitor",
+        _monitor_slug,
+        "",
+        "Sentry cron monitor slug: a check-in at start-up and every interval, so Sentry "
+        "alerts when the router stops or can no longer reach it (needs SENTRY_DSN).",
+    ),
+    Variable(
+        "APIROUTER_SENTRY_MONITOR_INTERVAL_MINUTES",
+        "sentry_monitor_interval",
+        _minutes,
+        "1",
+        "Minutes between check-ins (whole minutes; in fleet mode, one for the whole fleet).",
+    ),
+    Variable(
         "APIROUTER_METRICS_PER_KEY",
         "metrics_per_key",
         _boolean,
@@ -403,6 +440,8 @@ class Settings:
     sentry_release: str
     sentry_client_errors: bool
     sentry_events_per_minute: int
+    sentry_monitor: str | None
+    sentry_monitor_interval: float  # seconds (whole minutes from the environment)
     metrics_per_key: bool
     alert_threshold: int
     alert_window_seconds: float
@@ -429,6 +468,9 @@ class Settings:
                 values[variable.attribute] = variable.convert(raw)
             except ValueError as exc:
                 problems.append((variable.name, f"invalid value {_shown(variable, raw)}: {exc}"))
+        dsn_problem = any(name == "SENTRY_DSN" for name, _ in problems)
+        if values.get("sentry_monitor") and not values.get("sentry_dsn") and not dsn_problem:
+            problems.append(("APIROUTER_SENTRY_MONITOR", _MONITOR_WITHOUT_DSN))
         if problems:
             raise SettingsError(problems)
         return cls(**values, environment=dict(env))

@@ -7,14 +7,17 @@ Three jobs, each one class:
   errors and 5xx), when an envelope was last accepted, failed deliveries and dropped events
   by reason. Alerting goes through Sentry, so a rotated key or an exhausted quota would
   otherwise silence every page without anyone noticing.
-- ``AlertSender``: alerts and recovery notices leave on a thread and queue of their own,
+- ``AlertSender``: alerts, recovery notices and cron check-ins (the dead man's switch,
+  ``monitor.py``) leave on a thread and queue of their own,
   are POSTed at once, retried on network errors and 5xx with backoff, and after
   ``Retry-After`` on 429, within a bound. The SDK's worker has a bounded queue that overflows
-  in a flood, and its rate-limit backoff after a 429 would drop the page too.
+  in a flood, and its rate-limit backoff after a 429 would drop the page too (and a lost
+  check-in would page "router down" in the middle of an incident).
 - ``RouterTransport``: the SDK's own HTTP transport for ordinary events, with two changes:
-  envelopes holding an alert go to the ``AlertSender``; every error event the SDK loses is
-  counted by reason (``queue_full``, ``rate_limited``, ``rejected``, ``network``). Deliberate
-  drops (the log-line echoes discarded in ``before_send``, sampling, transactions) are not.
+  envelopes holding an alert or a check-in go to the ``AlertSender``; every error event the
+  SDK loses is counted by reason (``queue_full``, ``rate_limited``, ``rejected``,
+  ``network``). Deliberate drops (the log-line echoes discarded in ``before_send``,
+  sampling, transactions) are not.
   Transactions (opt-in tracing) may fill at most half of the SDK's queue: at a high trace
   sample rate they would otherwise crowd out the error events the queue exists for. Those
   turned away are reported to Sentry as ``queue_overflow`` in the SDK's client reports.
@@ -52,10 +55,12 @@ _STATE_FOR_REASON = {
     "rejected": "rejected",
     "network": "unreachable",
 }
+STATES = ("ok", *_STATE_FOR_REASON.values())  # the words of /health's sentry state
 # the SDK's loss reasons we count, in our words; all others are deliberate or not events
 _SDK_REASONS = {"queue_overflow": "queue_full", "ratelimit_backoff": "rate_limited"}
 _ALERT_QUEUE_SIZE = 10_000  # alerts are throttled per provider: never near this in practice
 _REPORTED = {"sentry_reported": True}  # log extra: never echo this line to Sentry
+OnResult = Callable[[str], None]  # hears a delivery's final answer, in /health's words
 
 
 def failure_reason(status: int | None) -> str | None:
@@ -86,6 +91,7 @@ class DeliveryReport:
     failures: dict[str, int]
     dropped: dict[str, int]
     suppressed: dict[Group, int]
+    answered_at: float | None = None  # Unix time of the server's last answer (or none)
 
     def health(self) -> dict[str, Any]:
         return {"state": self.state, "last_accepted": self.last_accepted}
@@ -99,19 +105,22 @@ class DeliveryStats:
         self._lock = threading.Lock()
         self._state = "ok"
         self._last_accepted: float | None = None
+        self._answered_at: float | None = None
         self._failures: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
 
     def accepted(self) -> None:
         with self._lock:
             self._state = "ok"
-            self._last_accepted = self._wall_clock()
+            self._last_accepted = self._answered_at = self._wall_clock()
 
     def failed(self, reason: str) -> None:
         """One delivery that did not happen; the server's answer (if any) sets the state."""
         with self._lock:
             self._failures[reason] += 1
-            self._state = _STATE_FOR_REASON.get(reason, self._state)
+            if reason in _STATE_FOR_REASON:
+                self._state = _STATE_FOR_REASON[reason]
+                self._answered_at = self._wall_clock()
 
     def dropped(self, reason: str, count: int = 1) -> None:
         """Events lost for good (never on top of a count the SDK reports itself)."""
@@ -127,6 +136,7 @@ class DeliveryStats:
                 {r: self._failures[r] for r in REASONS},
                 {r: self._dropped[r] for r in REASONS},
                 suppressed,
+                self._answered_at,
             )
 
 
@@ -149,9 +159,21 @@ class Delivery:
     cap: EventCap
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     clock: Callable[[], float] = time.monotonic
+    # check-in id -> who wants its result (the monitor that sent it)
+    _check_ins: dict[str, OnResult] = field(default_factory=dict)
+    _check_ins_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def report(self) -> DeliveryReport:
         return self.stats.report(self.cap.suppressed())
+
+    def expect_check_in(self, check_in_id: str, on_result: OnResult) -> None:
+        """Before sending a check-in: call ``on_result`` with Sentry's answer to it."""
+        with self._check_ins_lock:
+            self._check_ins[check_in_id] = on_result
+
+    def check_in_listener(self, check_in_id: str | None) -> OnResult | None:
+        with self._check_ins_lock:
+            return self._check_ins.pop(check_in_id or "", None)
 
     def transport_class(self) -> type[Transport]:
         """A transport class bound to this delivery (the SDK builds it from its options)."""
@@ -176,7 +198,8 @@ def current_report() -> DeliveryReport | None:
 
 
 class AlertSender:
-    """Alerts and recovery notices, POSTed by a thread of their own, retried within a bound."""
+    """Alerts, recovery notices and check-ins, POSTed by a thread of their own, retried
+    within a bound; ``on_result`` hears the final answer (``/health``'s words)."""
 
     def __init__(
         self,
@@ -194,17 +217,21 @@ class AlertSender:
         self._stats = stats
         self._retry = retry
         self._clock = clock
-        self._queue: queue.Queue[tuple[float, bytes]] = queue.Queue(_ALERT_QUEUE_SIZE)
+        self._queue: queue.Queue[tuple[float, bytes, OnResult | None]] = queue.Queue(
+            _ALERT_QUEUE_SIZE
+        )
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._client = httpx.Client(timeout=retry.timeout, follow_redirects=False)
 
-    def submit(self, envelope: Envelope) -> None:
+    def submit(self, envelope: Envelope, on_result: OnResult | None = None) -> None:
         try:
-            self._queue.put_nowait((self._clock(), envelope.serialize()))
+            self._queue.put_nowait((self._clock(), envelope.serialize(), on_result))
         except queue.Full:
             self._give_up("queue_full", "the alert queue is full")
+            if on_result is not None:
+                on_result("unreachable")
             return
         self._ensure_thread()
 
@@ -238,21 +265,24 @@ class AlertSender:
             try:
                 if job is None or self._stopping.is_set():
                     return
-                queued_at, body = job
+                queued_at, body, on_result = job
                 with capture_internal_exceptions():
-                    self._deliver(queued_at, body)
+                    state = self._deliver(queued_at, body)
+                    if on_result is not None and state is not None:
+                        on_result(state)
             finally:
                 self._queue.task_done()
 
-    def _deliver(self, queued_at: float, body: bytes) -> None:
-        """POST until accepted, rejected, or past the give-up bound."""
+    def _deliver(self, queued_at: float, body: bytes) -> str | None:
+        """POST until accepted, rejected, or past the give-up bound; the final answer in
+        ``/health``'s words (``None``: shutting down)."""
         backoff = self._retry.first_backoff
         while True:
             status, retry_after = self._post(body)
             reason = failure_reason(status)
             if reason is None:
                 self._stats.accepted()
-                return
+                return "ok"
             self._stats.failed(reason)
             if reason == "rejected":
                 break
@@ -263,8 +293,9 @@ class AlertSender:
             if self._clock() + delay - queued_at > self._retry.give_up_after:
                 break
             if self._stopping.wait(delay):
-                return  # shutting down: the transport's kill() counted it as pending
+                return None  # shutting down: the transport's kill() counted it as pending
         self._give_up(reason, f"the last answer was {status or 'a network error'}")
+        return state_for(status)
 
     def _post(self, body: bytes) -> tuple[int | None, float | None]:
         try:
@@ -296,6 +327,14 @@ def _is_alert(envelope: Envelope) -> bool:
     return event is not None and "alert_type" in (event.get("tags") or {})
 
 
+def _check_in(envelope: Envelope) -> dict[str, Any] | None:
+    for item in envelope.items:
+        if item.type == "check_in" and item.payload.json is not None:
+            payload: dict[str, Any] = item.payload.json
+            return payload
+    return None
+
+
 def _events_in(envelope: Envelope | None) -> int:
     if envelope is None:
         return 0
@@ -324,6 +363,11 @@ class RouterTransport(HookedTransport):
     def capture_envelope(self, envelope: Envelope) -> None:
         if _is_alert(envelope):
             self._alerts.submit(envelope)
+            return
+        check_in = _check_in(envelope)
+        if check_in is not None:
+            listener = self.delivery.check_in_listener(check_in.get("check_in_id"))
+            self._alerts.submit(envelope, listener)
             return
         events = _events_in(envelope)
         traced = 0 if events else int(_is_transaction(envelope))

@@ -25,11 +25,12 @@ from prometheus_client.registry import Collector
 
 from apirouter import __version__
 from apirouter.observe import delivery
-from apirouter.observe.delivery import REASONS, DeliveryReport
+from apirouter.observe.delivery import REASONS, STATES, DeliveryReport
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 KNOWN_METHODS = frozenset(("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SENTRY_STATES = ("off", *STATES)  # the words of /health's ``sentry.state``
 
 
 class SentryCollector(Collector):
@@ -39,6 +40,8 @@ class SentryCollector(Collector):
 
     def __init__(self, source: Callable[[], DeliveryReport | None]) -> None:
         self._source = source
+        # /health's sentry state, when the app says it (a fleet's check-in result included)
+        self.state_source: Callable[[], str] | None = None
 
     def collect(self) -> Iterable[Metric]:
         suppressed = CounterMetricFamily(
@@ -60,7 +63,18 @@ class SentryCollector(Collector):
             "apirouter_sentry_last_accepted_timestamp_seconds",
             "Unix time Sentry last accepted an envelope; 0 if never.",
         )
+        state = GaugeMetricFamily(
+            "apirouter_sentry_state",
+            "1 for the current state of /health's sentry object (the last answer from "
+            "Sentry), 0 for the others.",
+            labels=["state"],
+        )
         report = self._source()
+        current = "off" if report is None else report.state
+        if self.state_source is not None:
+            current = self.state_source()
+        for word in SENTRY_STATES:
+            state.add_metric([word], 1.0 if word == current else 0.0)
         if report is not None:
             for (provider, error_type), count in report.suppressed.items():
                 suppressed.add_metric([provider, error_type], count)
@@ -68,7 +82,7 @@ class SentryCollector(Collector):
                 dropped.add_metric([reason], report.dropped[reason])
                 failures.add_metric([reason], report.failures[reason])
             last.add_metric([], report.last_accepted or 0.0)
-        return [suppressed, dropped, failures, last]
+        return [suppressed, dropped, failures, last, state]
 
 
 def multiprocess_dir() -> str | None:
@@ -100,7 +114,8 @@ class Metrics:
         self, sentry: Callable[[], DeliveryReport | None] = delivery.current_report
     ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        registry.register(SentryCollector(sentry))
+        self.sentry = SentryCollector(sentry)
+        registry.register(self.sentry)
         self.requests = Counter(
             "apirouter_requests",
             "Requests answered, by route, method and status.",
@@ -164,6 +179,12 @@ class Metrics:
         self.in_flight = SampledGauge(
             "apirouter_requests_in_flight",
             "Requests being handled right now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.capacity_limit = Gauge(
+            "apirouter_capacity_limit",
+            "Proxied requests this router admits at once (APIROUTER_MAX_CONCURRENT).",
             registry=registry,
             multiprocess_mode="livesum",
         )
@@ -234,6 +255,14 @@ class Metrics:
             ["provider", "upstream"],
             registry=registry,
         )
+        self.can_serve = SampledGauge(
+            "apirouter_can_serve",
+            "1 while the provider has an upstream or fallback to send requests to, as "
+            "/health's can_serve; 0 when every one is cooling down.",
+            ["provider"],
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.config_reloads = Counter(
             "apirouter_config_reloads",
             "Config file reloads, by result.",
@@ -253,23 +282,50 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         ).labels(__version__).set(1)
+        self._sampled: list[SampledGauge] = [self.in_flight, self.rate_limiter_buckets]
 
     def track_bucket_count(self, count: Callable[[], int]) -> None:
         self.rate_limiter_buckets.set_function(count)
 
-    def track_capacity(self, streams: Callable[[], int], reasons: tuple[str, ...]) -> None:
+    def track_capacity(
+        self, streams: Callable[[], int], reasons: tuple[str, ...], limit: int
+    ) -> None:
         """Read the stream gauge from the capacity gate; show every refusal reason at 0."""
         self.streams_in_flight.set_function(streams)
+        self.capacity_limit.set(limit)
         for reason in reasons:
             self.requests_refused.labels(reason)
+
+    def track_sentry_state(self, state: Callable[[], str]) -> None:
+        """Read ``apirouter_sentry_state`` from /health's sentry state."""
+        self.sentry.state_source = state
+
+    def track_can_serve(self, provider: str, can_serve: Callable[[], bool]) -> None:
+        """Export /health's ``can_serve`` for the provider, read at scrape time."""
+        child = self.can_serve.labels(provider)
+        child.set_function(lambda: float(can_serve()))
+        self._sampled.append(child)
+
+    def track_redis(self, up: Callable[[], bool]) -> None:
+        """Fleet mode only: ``apirouter_redis_up``, as /health's ``redis.state``. Without
+        Redis the metric is absent rather than 0, so "Redis down" cannot fire on a router
+        that was never meant to use one."""
+        gauge = SampledGauge(
+            "apirouter_redis_up",
+            "1 while Redis answers (fleet mode), 0 while this process decides locally.",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        gauge.set_function(lambda: float(up()))
+        self._sampled.append(gauge)
 
     def method_label(self, method: str) -> str:
         return method if method in KNOWN_METHODS else "other"
 
     def publish(self) -> None:
         """Multiprocess mode: write this process's function gauges to its files."""
-        self.in_flight.publish()
-        self.rate_limiter_buckets.publish()
+        for gauge in self._sampled:
+            gauge.publish()
 
     def render(self) -> bytes:
         if multiprocess_dir() is None:

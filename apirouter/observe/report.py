@@ -21,10 +21,11 @@ from typing import Any
 from apirouter import errors
 from apirouter.config.provider import ConfigInvalid, ProviderConfig
 from apirouter.config.settings import Settings
-from apirouter.observe import tracking
+from apirouter.observe import delivery, tracking
 from apirouter.observe.context import Outcome, RequestContext
 from apirouter.observe.logs import access_log, alert_log
 from apirouter.observe.metrics import Metrics
+from apirouter.observe.monitor import Monitor
 from apirouter.observe.redis_events import RedisEventReporter
 from apirouter.state import backends as state
 from apirouter.state.alerting import Alert, Failure, Recovery
@@ -53,6 +54,14 @@ class Reporter:
         # Failure windows and buckets: in-process, or shared through Redis (fleet mode).
         events = RedisEventReporter(self.metrics, tracking_enabled)
         self.state = state.build(settings, events, clock=clock)
+        if settings.redis_url:
+            self.metrics.track_redis(lambda: self.state.health()["state"] == "up")
+        self.monitor: Monitor | None = None  # the dead man's switch; run by the server
+        if tracking_enabled and settings.sentry_monitor:
+            self.monitor = Monitor(
+                settings.sentry_monitor, settings.sentry_monitor_interval, self.state.check_ins
+            )
+        self.metrics.track_sentry_state(lambda: str(self.sentry_health()["state"]))
         self.tracker = self.state.tracker
         scopes = ScopeTable(settings.alert_threshold, settings.alert_window_seconds)
         self.breakers = Breakers(clock, scopes=scopes)
@@ -68,9 +77,14 @@ class Reporter:
         """Requests begun and not yet finished (streams count until their last byte)."""
         return self._in_flight
 
-    def sentry_health(self) -> dict[str, object]:
-        """Is Sentry accepting what we send? (the /health ``sentry`` object)"""
-        return tracking.health(self.tracking_enabled)
+    def sentry_health(self) -> dict[str, Any]:
+        """Is Sentry accepting what we send? (the /health ``sentry`` object, with the dead
+        man's switch's last check-in when it is on)"""
+        health = tracking.health(self.tracking_enabled)
+        if self.monitor is None:
+            return health
+        report = delivery.current_report()
+        return self.monitor.health(health, report.answered_at if report else None)
 
     def begin(self) -> None:
         with self._lock:

@@ -22,10 +22,12 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import sentry_sdk
+import sentry_sdk.crons
 from sentry_sdk.integrations.argv import ArgvIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.scrubber import DEFAULT_DENYLIST, EventScrubber
@@ -290,6 +292,32 @@ def capture_alert(alert: Alert) -> str | None:
                 },
             }
         )
+
+
+def capture_check_in(slug: str, minutes: int, on_result: Callable[[str], None]) -> bool:
+    """One cron check-in (status ok) for the monitor ``slug``, upserting its config: an
+    interval schedule of ``minutes`` and a margin of as many, since a fleet's check-ins
+    can be up to two intervals apart. It travels with the alerts (``delivery.AlertSender``)
+    and ``on_result`` hears Sentry's answer. ``False``: Sentry is off, nothing was sent."""
+    current = delivery.current()
+    if current is None:
+        return False
+    check_in_id = uuid.uuid4().hex
+    current.expect_check_in(check_in_id, on_result)
+    sent = sentry_sdk.crons.capture_checkin(
+        monitor_slug=slug,
+        check_in_id=check_in_id,
+        status=sentry_sdk.crons.MonitorStatus.OK,
+        monitor_config={
+            "schedule": {"type": "interval", "value": minutes, "unit": "minute"},
+            "checkin_margin": minutes,
+            "failure_issue_threshold": 1,
+            "recovery_threshold": 1,
+        },
+    )
+    if sent is None:  # dropped before the transport: nobody will answer
+        current.check_in_listener(check_in_id)
+    return sent is not None
 
 
 def capture_recovery(recovery: Recovery) -> str | None:

@@ -187,9 +187,12 @@ def serve(
     log_level: Annotated[
         LogLevel | None,
         typer.Option(
-            metavar="|".join(LOG_LEVELS),
+            # a short metavar: a long one narrows every help column (at 80 columns
+            # APIROUTER_MAX_CONCURRENT no longer fitted and was cut)
+            metavar="LEVEL",
             case_sensitive=False,
-            help="Least severe log level shown (default: LOG_LEVEL, else info).",
+            help=f"Least severe log level shown: {', '.join(LOG_LEVELS)} (default: "
+            "LOG_LEVEL, else info).",
             show_default=False,
         ),
     ] = None,

@@ -179,21 +179,26 @@ def require_target(target: str) -> None:
     raise UsageError(unknown_provider(target))
 
 
-def unknown_provider(name: str) -> str:
+def unknown_provider(name: str, paths: bool = True) -> str:
+    """The one-line message for a name that is no shipped provider; ``paths``: whether the
+    command also takes the path of a config file (``show-config`` does not)."""
     names = shipped_providers()
     close = difflib.get_close_matches(name.lower(), names, n=1)
     guess = f"did you mean '{close[0]}'? " if close else ""
-    return (
-        f"unknown provider '{name}': {guess}shipped providers are {', '.join(names)}; "
-        "or give the path of a config file"
-    )
+    message = f"unknown provider '{name}': {guess}shipped providers are {', '.join(names)}"
+    return message + ("; or give the path of a config file" if paths else "")
 
 
 def shipped_config(name: str) -> str:
     """The JSON text of a shipped provider config, as a starting point for your own file
     (``generic`` is the one to copy for any OpenAI-compatible server)."""
     if name not in shipped_providers():
-        raise UsageError(unknown_provider(name))
+        if Path(name).is_file():
+            raise UsageError(
+                f"show-config prints shipped provider configs only; to check your file: "
+                f"apirouter check-config {name}"
+            )
+        raise UsageError(unknown_provider(name, paths=False))
     return (resources.files("apirouter.config") / "providers" / f"{name}.json").read_text("utf-8")
 
 
@@ -275,6 +280,7 @@ def _env_hint(name: str) -> str:
         "LOG_FORMAT": "LOG_FORMAT=text or LOG_FORMAT=json",
         "LOG_LEVEL": "e.g. LOG_LEVEL=warning to drop the per-request lines",
         "APIROUTER_REDIS_URL": "e.g. redis://:PASSWORD@HOST:6379/0, or rediss:// for TLS",
+        "APIROUTER_SENTRY_MONITOR": "a slug such as apirouter-prod, with SENTRY_DSN set",
     }
     return hints.get(name, "see .env.example for the accepted values")
 
@@ -289,14 +295,6 @@ def lint_environment(settings: Settings, env: Mapping[str, str]) -> list[Problem
                 "open relay: anyone who can reach apirouter spends this key "
                 "(no client keys are required)",
                 "set APIROUTER_CLIENT_KEYS, or keep apirouter on a private address",
-            )
-        )
-    if settings.client_keys and not settings.default_api_key:
-        problems.append(
-            warning(
-                "APIROUTER_CLIENT_KEYS",
-                "client keys are required but DEFAULT_API_KEY is empty",
-                "set DEFAULT_API_KEY (or a key header in the provider config) for the upstream",
             )
         )
     if env.get("RATE_LIMIT_REQUESTS_PER_MINUTE", "").strip() == "0":
@@ -346,6 +344,7 @@ def lint_config(config: ProviderConfig, settings: Settings | None) -> list[Probl
     problems = _lint_document({"modelMapping": config.model_mapping})
     problems += _lint_operator_keys(config, settings)
     problems += _lint_spendable_operator_key(config, settings)
+    problems += _lint_keyless_upstreams(config, settings)
     for provider in (config, *config.fallbacks):
         where = "$" if provider is config else f"$.fallbacks[{provider.name}]"
         for upstream in provider.upstreams:
@@ -410,6 +409,27 @@ def _supplies_operator_key(config: ProviderConfig, settings: Settings | None) ->
     apiKeyEnv, or DEFAULT_API_KEY."""
     default_set = bool(settings and settings.default_api_key)
     return any(key_source(config, upstream, default_set) for upstream in config.upstreams)
+
+
+def _lint_keyless_upstreams(config: ProviderConfig, settings: Settings | None) -> list[Problem]:
+    """With client keys required, client keys are never forwarded: an upstream needs a key
+    of its own (``apiKeyEnv``, or a key header in the config), else ``DEFAULT_API_KEY``.
+    Only the configured provider's upstreams can lack one: fallbacks must name apiKeyEnv."""
+    if settings is None or not settings.client_keys or settings.default_api_key:
+        return []
+    if any(name.lower() in KEY_HEADERS and value.strip() for name, value in config.headers.items()):
+        return []
+    keyless = [u.name for u in config.upstreams if u.api_key_env is None]
+    if not keyless:
+        return []
+    return [
+        warning(
+            "APIROUTER_CLIENT_KEYS",
+            f"client keys are required but DEFAULT_API_KEY is empty, and upstream "
+            f"{', '.join(keyless)} has no apiKeyEnv: it would get no key",
+            "set DEFAULT_API_KEY, or apiKeyEnv on the upstream (or a key header in the config)",
+        )
+    ]
 
 
 def _lint_literal_keys(config: ProviderConfig, where: str) -> list[Problem]:

@@ -64,6 +64,8 @@ class PerProcess:
             stopping = threading.Event()
             _daemon(server.watch_config, self.app, stopping)
             _daemon(_check_health, self.app, stopping)
+            if self.app.reporter.monitor is not None:
+                _daemon(_check_in, self.app, stopping)
             directory = multiprocess_dir()
             if directory:
                 forget_exited_workers(Path(directory))
@@ -79,6 +81,11 @@ def _daemon(
 
 def _check_health(app: App, stopping: threading.Event) -> None:
     app.health_checker.run(stopping)
+
+
+def _check_in(app: App, stopping: threading.Event) -> None:
+    if app.reporter.monitor is not None:
+        app.reporter.monitor.run(stopping)
 
 
 def _publish(app: App, stopping: threading.Event) -> None:

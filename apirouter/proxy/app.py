@@ -82,6 +82,9 @@ class App:
             max_park_seconds=settings.max_park_seconds,
         )
         self.reporter.watch_upstreams(config)
+        self.metrics.track_can_serve(
+            config.name, lambda: self.reporter.breakers.can_serve(self.store.current)
+        )
         self.health_checker = HealthChecker(
             lambda: self.store.current,
             self.upstream,

@@ -142,7 +142,7 @@ def build_gate(settings: Settings, metrics: Metrics) -> CapacityGate:
         settings.max_concurrent_per_key,
         on_refused=lambda reason: metrics.requests_refused.labels(reason).inc(),
     )
-    metrics.track_capacity(lambda: gate.streams, REFUSAL_REASONS)
+    metrics.track_capacity(lambda: gate.streams, REFUSAL_REASONS, settings.max_concurrent)
     return gate
 
 

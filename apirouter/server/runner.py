@@ -188,6 +188,8 @@ def run(
     watcher = threading.Thread(target=watch_config, args=(app, stopping), daemon=True)
     watcher.start()
     threading.Thread(target=app.health_checker.run, args=(stopping,), daemon=True).start()
+    if app.reporter.monitor is not None:  # the dead man's switch
+        threading.Thread(target=app.reporter.monitor.run, args=(stopping,), daemon=True).start()
     admin = getattr(server, "admin", None)
     if admin is not None:
         admin.start()

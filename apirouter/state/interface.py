@@ -4,11 +4,12 @@ offer, whichever backend (in process or Redis) implements them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from apirouter.config.provider import RateLimit
 from apirouter.state.alerting import Alert, Failure, Recovery
+from apirouter.state.checkins import CheckIns, LocalCheckIns
 
 
 class Limiter(Protocol):
@@ -48,6 +49,7 @@ class StateBackend:
     tracker: Tracker
     health: Callable[[], dict[str, Any]]
     close: Callable[[], None] = lambda: None
+    check_ins: CheckIns = field(default_factory=LocalCheckIns)  # the dead man's switch
 
 
 def identity(key: Hashable) -> str:

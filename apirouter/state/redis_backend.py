@@ -20,6 +20,7 @@ dead Redis costs requests nothing), and reports the recovery when a probe succee
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ from apirouter.state.alerting import (
     Recovery,
     split_key,
 )
+from apirouter.state.checkins import CheckInResult, CheckIns, LocalCheckIns
 from apirouter.state.interface import RedisEvents, StateBackend, identity
 from apirouter.state.ratelimit import RateLimiter
 
@@ -166,6 +168,9 @@ class Keys:
 
     def bucket(self, key: Hashable) -> list[str]:
         return [f"{self.base}rl:{{{_digest(identity(key))}}}"]
+
+    def check_in(self, slug: str, part: str) -> str:
+        return f"{self.base}mon:{{{slug}}}:{part}"
 
     def window(self, key: str) -> list[str]:
         tag = key if _READABLE_TAG.fullmatch(key) else _digest(key)
@@ -438,12 +443,63 @@ def backend(
     assert settings.redis_url
     link = RedisLink(client(settings.redis_url, settings.redis_timeout_ms), events)
     keys = Keys(settings.redis_prefix)
+    check_ins: CheckIns = LocalCheckIns()
+    if settings.sentry_monitor:
+        check_ins = RedisCheckIns(link, keys, settings.sentry_monitor, LocalCheckIns())
     return StateBackend(
         limiter=RedisRateLimiter(link, keys, fallback_limiter),
         tracker=RedisFailureTracker(link, keys, fallback_tracker),
         health=link.health,
         close=link.client.connection_pool.disconnect,
+        check_ins=check_ins,
     )
+
+
+class RedisCheckIns:
+    """The dead man's switch for a fleet: one check-in per interval between all replicas,
+    and the sender's result shared with every replica for 2 intervals.
+
+    Intervals are numbered on Redis's clock; the first replica to ``SET NX`` an interval's
+    key sends that interval's check-in. Every replica tries once per interval, so each
+    interval has exactly one sender, and check-ins are at most 2 intervals apart. While
+    Redis is down every replica sends its own: a Redis outage must never look like a
+    router outage to Sentry."""
+
+    def __init__(self, link: RedisLink, keys: Keys, slug: str, fallback: LocalCheckIns) -> None:
+        self._link = link
+        self._claims = keys.check_in(slug, "interval")
+        self._result = keys.check_in(slug, "result")
+        self._fallback = fallback
+
+    def claim(self, interval: float) -> bool:
+        def call() -> bool:
+            seconds, micros = self._link.client.time()
+            number = int((seconds + micros / 1e6) // interval)
+            key = f"{self._claims}:{number}"
+            return bool(self._link.client.set(key, "1", nx=True, px=_millis(2 * interval)))
+
+        claimed = self._link.run("check_in", call)
+        return True if isinstance(claimed, _Local) else claimed
+
+    def record(self, result: CheckInResult, interval: float) -> None:
+        self._fallback.record(result, interval)
+        value = json.dumps({"state": result.state, "at": result.at})
+        self._link.run(
+            "check_in", lambda: self._link.client.set(self._result, value, px=_millis(2 * interval))
+        )
+
+    def latest(self) -> CheckInResult | None:
+        value = self._link.run("check_in", lambda: self._link.client.get(self._result))
+        if isinstance(value, _Local):
+            return self._fallback.latest()
+        if value is None:  # nobody checked in for 2 intervals: nothing shared to show
+            return None
+        document = json.loads(value)
+        return CheckInResult(str(document["state"]), float(document["at"]))
+
+
+def _millis(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
 
 
 @dataclass(frozen=True)
