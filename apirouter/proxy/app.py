@@ -131,6 +131,7 @@ class App:
     ) -> Response:
         if len(request.path) + len(request.query) > MAX_URL_BYTES:
             raise errors.URITooLong(f"The request target exceeds {MAX_URL_BYTES} bytes.")
+        routes.check_target(request.environ)
         if match is None and request.route == "other":
             raise _not_found(request.path)
         allowed = match.endpoint.methods if match else _LOCAL_METHODS
