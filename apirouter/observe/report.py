@@ -94,7 +94,10 @@ class Reporter:
         metrics.request_duration.labels(ctx.route).observe(elapsed)
         if ctx.upstream_seconds is not None:
             metrics.upstream_duration.labels(ctx.provider).observe(ctx.upstream_seconds)
-        self._record_answer(ctx)
+        try:  # what the upstream sent never costs the log line, Sentry or the window
+            self._record_answer(ctx)
+        except Exception:
+            log.exception("failed to record the answer of request %s", ctx.request_id)
         captured = False
         if error is not None:
             if error.upstream_failure:
