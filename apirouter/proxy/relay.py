@@ -12,8 +12,9 @@ relay then writes an SSE comment through the server's ``write`` callable so prox
 clients keep the connection open. It does so only at an event boundary, so a heartbeat can
 never split an event; a failed heartbeat write means the client is gone.
 
-A body the upstream cuts mid-way is an upstream failure (``upstream_stream_cut``), and the
-client must be able to tell: like nginx, we end the response *without* its terminating
+A body the upstream cuts mid-way is an upstream failure (``upstream_stream_cut``; one that
+goes silent past the read timeout is ``upstream_timeout``), and the client must be able to
+tell: like nginx, we end the response *without* its terminating
 chunk (or short of its Content-Length) by letting ``StreamCut`` escape the iterator, so
 the server drops the connection instead of finishing the response cleanly.
 
@@ -36,6 +37,7 @@ from apirouter.errors import (
     RouterError,
     UpstreamFailure,
     UpstreamStreamCut,
+    UpstreamTimeout,
 )
 from apirouter.upstream.client import iter_raw, watch_idle
 
@@ -175,7 +177,13 @@ class Relay:
             self._on_close(error)
 
 
-def _cut(failure: UpstreamFailure) -> UpstreamStreamCut:
+def _cut(failure: UpstreamFailure) -> UpstreamFailure:
+    """What ended the body mid-way: silence past the read timeout stays a timeout (the
+    upstream is slow or hung, not cutting), anything else is a cut."""
+    if isinstance(failure, UpstreamTimeout):
+        timeout = UpstreamTimeout(f"The upstream went silent mid-way: {failure.message}")
+        timeout.__cause__ = failure
+        return timeout
     cut = UpstreamStreamCut(f"The upstream cut the response mid-way: {failure.message}")
     cut.__cause__ = failure
     return cut
