@@ -123,8 +123,13 @@ def raw_path(environ: Mapping[str, Any]) -> str:
     (other servers) the decoded path re-encoded."""
     uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if uri:
-        path = uri.partition("?")[0]
-        if path.startswith("/"):
-            return str(path)
-        return "/" + path.split("/", 3)[-1] if "://" in path else "/"
+        return target_path(uri)
     return quote((environ.get("PATH_INFO") or "/").encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+
+
+def target_path(uri: str) -> str:
+    """The raw path of a request target (origin form ``/a?b``, or absolute form)."""
+    path = uri.partition("?")[0]
+    if path.startswith("/"):
+        return path
+    return "/" + path.split("/", 3)[-1] if "://" in path else "/"

@@ -212,6 +212,13 @@ class App:
             request, ctx, config, match, client_key, self.settings.max_body_bytes
         )
 
+    def body_limit(self, target: str) -> int:
+        """The largest body the route of a request target (its raw URI) accepts: the
+        embedded server checks it from the request line, before reading the body."""
+        match = self.store.current.routes.match(routes.target_path(target))
+        limit = match.endpoint.max_body_bytes if match is not None else None
+        return limit or self.settings.max_body_bytes
+
     def close(self) -> None:
         self.upstream.close()
         self.reporter.state.close()

@@ -27,6 +27,7 @@ from apirouter.server.channel import LOOP_SECONDS, build_server, close_server, l
 ADMIN_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 ADMIN_THREADS = 2
 ADMIN_CONNECTIONS = 256
+ADMIN_BODY_BYTES = 64 * 1024  # probes and scrapes send none: a body never spools more
 
 
 def admin_app(app: App) -> Callable[..., Iterable[bytes]]:
@@ -54,6 +55,8 @@ class AdminListener:
             ADMIN_CONNECTIONS,
             app.settings.header_timeout,
             lambda: app.metrics.requests_refused.labels("header_timeout").inc(),
+            body_limit=lambda target: ADMIN_BODY_BYTES,
+            max_request_body_size=ADMIN_BODY_BYTES + 1,
         )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="apirouter-admin", daemon=True)

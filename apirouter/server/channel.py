@@ -21,7 +21,7 @@ from waitress.adjustments import Adjustments
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
-from apirouter.server.protocol import RouterChannel
+from apirouter.server.protocol import BodyLimit, RouterChannel
 
 BODY_ALLOWANCE_BYTES = 64 * 1024  # one more second of header timeout per 64 KB received
 MAINTENANCE_SECONDS = 1.0
@@ -206,6 +206,7 @@ class GuardedServer(TcpWSGIServer):
 
     channel_class = GuardedChannel
     header_timeout = 30.0
+    body_limit: BodyLimit | None = None  # the route's body limit, checked before the body
     on_slow_request: Callable[[], None] = staticmethod(lambda: None)
 
     def handle_accept(self) -> None:
@@ -281,6 +282,7 @@ def build_server(
     connection_limit: int,
     header_timeout: float,
     on_slow_request: Callable[[], None],
+    body_limit: BodyLimit | None = None,
     **adjustments: Any,
 ) -> AnyServer:
     """A waitress server (one per listen address, as ``create_server``) of guarded parts."""
@@ -305,6 +307,7 @@ def build_server(
         )
         server.header_timeout = header_timeout
         server.on_slow_request = on_slow_request
+        server.body_limit = body_limit
         servers.append(server)
     if len(servers) == 1:
         return servers[0]

@@ -6,16 +6,29 @@
   answer 400 and close the connection, dropping whatever was pipelined behind it.
 - waitress answers protocol errors itself with ``text/plain`` pages; ours carry the same
   status in the OpenAI error shape every client of the router already parses.
+- Body limits before the body: waitress checks one server-wide limit and sends
+  ``100 Continue`` regardless. Ours looks the route's limit up from the request line
+  (``body_limit``, on the current hot-reloaded config): a declared ``Content-Length`` over
+  it is answered 413 before a body byte is read (never a ``100 Continue``), and a chunked
+  body is cut at limit + 1. Either way the connection is closed, so nothing more of the
+  body is read: no request spools more than its own route's limit.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser, ParsingError
-from waitress.utilities import Error
+from waitress.utilities import Error, RequestEntityTooLarge
+
+from apirouter import errors
+
+# The largest body the route of a request target (its raw URI) accepts, in bytes.
+BodyLimit = Callable[[str], int]
 
 
 class JsonProtocolError(Error):
@@ -30,7 +43,7 @@ class JsonProtocolError(Error):
         error = {
             "message": f"{self.reason}: {self.body}",
             "type": "invalid_request_error",
-            "code": "bad_request" if self.code == 400 else "protocol_error",
+            "code": _CODES.get(self.code, "protocol_error"),
         }
         body = json.dumps({"error": error}).encode()
         headers = [
@@ -41,23 +54,69 @@ class JsonProtocolError(Error):
         return f"{self.code} {self.reason}", headers, body
 
 
+# the app's own codes for the same statuses, so a client sees one vocabulary
+_CODES = {400: errors.BadRequest.error_type, 413: errors.PayloadTooLarge.error_type}
+
+
 class StrictRequestParser(HTTPRequestParser):
+    """waitress's request parser, stricter (see the module docstring)."""
+
     error: Any
+    refused = False  # answered before its body: nothing more is read from the connection
+
+    def __init__(self, adj: Adjustments, body_limit: BodyLimit | None = None) -> None:
+        super().__init__(adj)
+        self.body_limit = body_limit
+        self.limit: int | None = None  # this request's body limit, once its headers are in
 
     def parse_header(self, header_plus: bytes) -> None:
         super().parse_header(header_plus)
         if self.chunked and "CONTENT_LENGTH" in self.headers:
             self.connection_close = True
             raise ParsingError("Content-Length and Transfer-Encoding must not both be sent")
+        if self.body_limit is not None and (self.chunked or self.content_length > 0):
+            self.limit = self.body_limit(self.request_uri)  # only requests with a body
+            if self.content_length > self.limit:
+                self._refuse(f"Request body of {self.content_length} bytes exceeds the limit")
 
     def received(self, data: bytes) -> int:
+        given = data
+        if self.limit is not None and self.chunked and not self.completed:
+            data = data[: self._chunked_allowance()]  # never decode past limit + 1
         consumed: int = super().received(data)
+        if self.chunked and self.limit is not None and self._decoded() > self.limit:
+            self._refuse("Request body exceeds the limit")
+        if self.refused:  # waitress's own limit check may have replaced our error
+            self.error = self._refusal
         if self.error is not None and not isinstance(self.error, JsonProtocolError):
             self.error = JsonProtocolError(self.error)
+        if self.refused:  # what else arrived is body: dropped, never parsed as a request
+            return len(given)
         return consumed
+
+    def _refuse(self, reason: str) -> None:
+        """Answer 413 now and close: the body is not read (and not spooled) any further."""
+        self.error = self._refusal = RequestEntityTooLarge(f"{reason} of {self.limit} bytes.")
+        self.close()  # what was spooled so far
+        self.body_rcv, self.completed, self.refused = None, True, True
+        self.expect_continue = False  # never a 100 Continue for a body we refuse
+        self.connection_close = True
+
+    def _decoded(self) -> int:
+        receiver = self.body_rcv
+        return 0 if receiver is None else len(receiver)
+
+    def _chunked_allowance(self) -> int:
+        """Raw bytes to hand to the chunked decoder: at least one, and never so many that
+        it could decode more than limit + 1 bytes (framing makes raw >= decoded)."""
+        assert self.limit is not None
+        return max(1, self.limit + 1 - self._decoded())
 
 
 class RouterChannel(HTTPChannel):
     """waitress's connection handler with the strict parser."""
 
-    parser_class: Any = StrictRequestParser
+    def parser_class(self, adj: Adjustments) -> StrictRequestParser:
+        """waitress builds each request's parser as ``self.parser_class(self.adj)``; ours
+        also gets the server's body limit per route (``body_limit``), when it has one."""
+        return StrictRequestParser(adj, getattr(self.server, "body_limit", None))

@@ -121,7 +121,8 @@ def make_server(app: App, host: str, port: int, threads: int | None = None) -> A
     """The app's server, sized for its capacity, plus its admin listener if configured.
 
     The admin listener (``server.admin``) is bound here too, so a port in use fails
-    start-up at once. Its body limit is a backstop above the app's own.
+    start-up at once. Each request's body is limited by its route (``App.body_limit``)
+    before a byte of it is read; waitress's own limit is only a backstop above them.
     """
     settings = app.settings
     sizing = size_for(settings.max_concurrent, threads, raise_open_files_limit())
@@ -133,6 +134,7 @@ def make_server(app: App, host: str, port: int, threads: int | None = None) -> A
         sizing.connection_limit,
         settings.header_timeout,
         lambda: app.metrics.requests_refused.labels("header_timeout").inc(),
+        body_limit=app.body_limit,
         max_request_body_size=body_backstop(settings.max_body_bytes, app.store.current),
         outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
     )
