@@ -200,7 +200,15 @@ def test_client_disconnect_mid_stream_releases_the_upstream(make_router, httpser
         first = next(response.iter_raw())
         assert first.startswith(b"data: ")
     assert upstream_closed.wait(10), "the router kept reading from the upstream"
-    wait_until(lambda: router.sample("apirouter_client_disconnects_total", {"route": CHAT}) == 1)
+    wait_until(
+        lambda: (
+            router.sample(
+                "apirouter_client_disconnects_total",
+                {"route": CHAT, "reason": "client_disconnected"},
+            )
+            == 1
+        )
+    )
     assert router.sample("apirouter_requests_in_flight") == 0
 
 

@@ -103,7 +103,7 @@ class Reporter:
             if error.upstream_failure:
                 metrics.upstream_errors.labels(ctx.provider, error.error_type).inc()
             elif isinstance(error, errors.ClientDisconnected):
-                metrics.client_disconnects.labels(ctx.route).inc()
+                metrics.client_disconnects.labels(ctx.route, error.error_type).inc()
             if self.tracking_enabled and self._reportable(error):
                 tracking.capture_failure(ctx, error, outcome.status)
                 captured = True

@@ -7,7 +7,7 @@ finish before they are returned; streamed ones finish when the server closes the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -46,6 +46,7 @@ _LOCAL_METHODS = ("GET", "HEAD")
 _MODELS = "/v1/models"
 _REALTIME = "/v1/realtime"
 MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
+ADMIN_ENVIRON_KEY = "apirouter.admin"  # set by the admin listener on its requests
 
 
 class App:
@@ -141,6 +142,8 @@ class App:
                 list(allowed),
             )
         if match is None:
+            if request.route == "/metrics" and not self._serves_metrics(request.environ):
+                raise _not_found(request.path)
             return self._local(request.route)
         routes.check_segments(match.params)
         alias = match.params.get("model")
@@ -158,6 +161,16 @@ class App:
         return self.capacity.admit(ctx.key_label, lambda: self._proxy(request, ctx, config, match))
 
     # --- local endpoints -------------------------------------------------------------------
+
+    def _serves_metrics(self, environ: Mapping[str, Any]) -> bool:
+        """/metrics is served on the admin port, and on the main port unless
+        ``APIROUTER_METRICS_ON_MAIN_PORT=0`` moved it to the admin port alone."""
+        settings = self.settings
+        return (
+            settings.metrics_on_main_port
+            or settings.admin_port is None
+            or bool(environ.get(ADMIN_ENVIRON_KEY))
+        )
 
     def _local(self, route: str) -> Response:
         if route == "/metrics":
@@ -194,7 +207,7 @@ class App:
     ) -> Response:
         sent = self._forward(request, ctx, config, match)
         endpoint = sent.target.provider.endpoints[match.endpoint.local_path]
-        response = self.answers.respond(ctx, endpoint, sent.response)
+        response = self.answers.respond(ctx, endpoint, sent.response, request.hangup)
         response.headers.append(("X-Apirouter-Upstream", sent.target.label))
         return response
 
@@ -218,6 +231,14 @@ class App:
         match = self.store.current.routes.match(routes.target_path(target))
         limit = match.endpoint.max_body_bytes if match is not None else None
         return limit or self.settings.max_body_bytes
+
+    def client_stalled(self, target: str) -> None:
+        """The server disconnected a client that read none of the answers it was sent
+        whole (no request of it was running, so no ``finish`` will count it)."""
+        path = routes.target_path(target)
+        match = None if path in _LOCAL_ROUTES else self.store.current.routes.match(path)
+        route = match.endpoint.local_path if match else path if path in _LOCAL_ROUTES else "other"
+        self.metrics.client_disconnects.labels(route, errors.ClientStalled.error_type).inc()
 
     def close(self) -> None:
         self.upstream.close()

@@ -187,6 +187,7 @@ class Attempts:
                 body.content(),
                 first_byte_timeout=target.provider.retry.first_byte_timeout_secs,
                 configured_url=not plan.match.params and not plan.request.query,
+                gone=plan.request.hangup,
             )
         finally:
             ctx.upstream_seconds = self.clock() - sent_at

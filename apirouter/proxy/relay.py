@@ -32,14 +32,15 @@ from typing import Any, Protocol
 import httpx
 
 from apirouter.errors import (
-    ClientDisconnected,
     InternalError,
     RouterError,
     UpstreamFailure,
     UpstreamStreamCut,
     UpstreamTimeout,
+    client_gone,
 )
 from apirouter.upstream.client import iter_raw, watch_idle
+from apirouter.upstream.hangup import Hangup
 
 HEARTBEAT = b": heartbeat\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
@@ -86,12 +87,14 @@ class Relay:
         heartbeat_seconds: float | None = None,
         observer: Observer | None = None,
         on_first_byte: Callable[[], None] = lambda: None,
+        gone: Hangup | None = None,
     ) -> None:
         self._response = response
         self._heartbeat = heartbeat_seconds  # None: not SSE, no heartbeats
         self._on_close = on_close
         self._observer = observer
         self._on_first_byte = on_first_byte
+        self._gone = gone  # the server's word on why the client left, when it saw it
         self._write: Callable[[bytes], Any] | None = None
         self._slot: Releasable | None = None
         self._last = b"\n\n"  # ends like the bytes relayed; nothing sent yet is a boundary
@@ -130,6 +133,8 @@ class Relay:
         except _ClientGone:
             return
         except UpstreamFailure as failure:
+            if self._client_left():  # the server shut the upstream: the client is gone
+                return
             self._error, self._done = _cut(failure), True
             if not started:
                 yield b""  # the status line and headers go out first: then the cut shows
@@ -173,8 +178,12 @@ class Relay:
                 self._slot.release()
             error = self._error
             if error is None and not self._done:
-                error = ClientDisconnected("The client closed the connection during the response.")
+                reason = self._gone.reason if self._gone is not None else None
+                error = client_gone(reason, "The client closed the connection during the response.")
             self._on_close(error)
+
+    def _client_left(self) -> bool:
+        return self._gone is not None and self._gone.reason is not None
 
 
 def _cut(failure: UpstreamFailure) -> UpstreamFailure:

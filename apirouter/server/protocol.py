@@ -64,9 +64,15 @@ class StrictRequestParser(HTTPRequestParser):
     error: Any
     refused = False  # answered before its body: nothing more is read from the connection
 
-    def __init__(self, adj: Adjustments, body_limit: BodyLimit | None = None) -> None:
+    def __init__(
+        self,
+        adj: Adjustments,
+        body_limit: BodyLimit | None = None,
+        hold: Callable[[bytes], bool] | None = None,
+    ) -> None:
         super().__init__(adj)
         self.body_limit = body_limit
+        self.hold = hold  # the connection keeps bytes unparsed while its queue is full
         self.limit: int | None = None  # this request's body limit, once its headers are in
 
     def parse_header(self, header_plus: bytes) -> None:
@@ -80,6 +86,8 @@ class StrictRequestParser(HTTPRequestParser):
                 self._refuse(f"Request body of {self.content_length} bytes exceeds the limit")
 
     def received(self, data: bytes) -> int:
+        if self.hold is not None and not self.header_bytes_received and self.hold(data):
+            return len(data)  # not parsed yet: the connection holds the bytes
         given = data
         if self.limit is not None and self.chunked and not self.completed:
             data = data[: self._chunked_allowance()]  # never decode past limit + 1
@@ -118,5 +126,10 @@ class RouterChannel(HTTPChannel):
 
     def parser_class(self, adj: Adjustments) -> StrictRequestParser:
         """waitress builds each request's parser as ``self.parser_class(self.adj)``; ours
-        also gets the server's body limit per route (``body_limit``), when it has one."""
-        return StrictRequestParser(adj, getattr(self.server, "body_limit", None))
+        also gets the server's body limit per route (``body_limit``), when it has one, and
+        the connection's ``hold``."""
+        return StrictRequestParser(adj, getattr(self.server, "body_limit", None), self.hold)
+
+    def hold(self, data: bytes) -> bool:
+        """Whether to keep ``data`` unparsed for now (see ``GuardedChannel``)."""
+        return False

@@ -50,12 +50,6 @@ CONFIG_POLL_SECONDS = 1.0
 SPARE_THREADS = 16
 CONNECTION_HEADROOM = 1000
 RESERVED_FILES = 64  # log files, the config, the admin listener, DNS, Sentry...
-# Unsent response bytes held per connection before the app's next write blocks (waitress
-# default: 16 MB). A download relayed as it arrives to a client reading slower than the
-# upstream sends would otherwise park 16 MB per connection (measured: +24 to +34 MB peak
-# RSS serving 200 MB over loopback, against +1 MB at 128 to 512 KB, at the same speed).
-# Below waitress's outbuf_overflow (1 MB) the buffer never spills to a temporary file.
-OUTBUF_HIGH_WATERMARK = 256 * 1024
 # --- sizing ----------------------------------------------------------------------------------
 
 
@@ -135,8 +129,9 @@ def make_server(app: App, host: str, port: int, threads: int | None = None) -> A
         settings.header_timeout,
         lambda: app.metrics.requests_refused.labels("header_timeout").inc(),
         body_limit=app.body_limit,
+        write_timeout=settings.write_timeout,
+        on_stalled=app.client_stalled,
         max_request_body_size=body_backstop(settings.max_body_bytes, app.store.current),
-        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
     )
     server.sizing = sizing
     server.admin = None
