@@ -29,7 +29,11 @@ connection of a client that reads none of them.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +59,7 @@ PIPELINE_DEPTH = 8  # parsed requests queued per connection, at most
 # RSS serving 200 MB over loopback, against +1 MB at 128 to 512 KB, at the same speed).
 # Below waitress's outbuf_overflow (1 MB) the buffer never spills to a temporary file.
 OUTBUF_HIGH_WATERMARK = 256 * 1024
+RECHECK_SECONDS = 0.01  # how often a connection holding requests asks the kernel
 STALLED = "client_stalled"
 GONE = "client_disconnected"
 _TIMEOUT_BODY = json.dumps(
@@ -83,6 +88,20 @@ def overdue(started: float | None, received: int, now: float, timeout: float) ->
     if started is None:
         return False
     return now - started > timeout + received / BODY_ALLOWANCE_BYTES
+
+
+def unsent_bytes(sock: socket.socket | None) -> int:
+    """Bytes in the kernel's send queue of ``sock`` not yet taken by the peer (Linux's
+    ``TIOCOUTQ``; 0 where the kernel cannot say)."""
+    if _OUTQ is None or sock is None:
+        return 0
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
 
 class KeepAliveTask(WSGITask):
@@ -189,6 +208,8 @@ class GuardedChannel(RouterChannel):
     close_reason = GONE
     last_target = ""  # the last request's target, to name the route of a stall
     held: bytearray | None = None  # received bytes left unparsed: the queue is full
+    held_since = 0.0
+    next_check = 0.0  # when to ask the kernel again whether the client caught up
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -264,8 +285,11 @@ class GuardedChannel(RouterChannel):
         return sent
 
     def stalled(self, now: float, timeout: float) -> bool:
-        """Bytes have waited ``timeout`` seconds with none taken by the client."""
-        return bool(self.total_outbufs_len) and now - self.write_progress > timeout
+        """Bytes have waited ``timeout`` seconds with none taken by the client, or its
+        pipelined requests have waited that long for it to take their answers."""
+        if self.total_outbufs_len:
+            return now - self.write_progress > timeout
+        return self.held is not None and now - self.held_since > timeout
 
     def disconnect_stalled(self) -> None:
         """Close a stalled client's connection (main loop): a worker blocked writing to it
@@ -291,17 +315,32 @@ class GuardedChannel(RouterChannel):
         if len(self.requests) < PIPELINE_DEPTH:
             return False
         self.held = bytearray(data)
+        self.held_since = self.clock()
         return True
 
     def readable(self) -> bool:
-        """Read (and resume parsing held bytes) only once the queue has room and the
-        answers so far have been sent: a client that reads none of them gets no more."""
+        """Read on (and parse held bytes) only once every queued request is answered and
+        the client has taken the answers, from our buffers and the kernel's: a client
+        that reads none of them gets nothing more rendered for it, only the write timeout.
+        """
         held = self.held
-        if held is not None and len(self.requests) < PIPELINE_DEPTH and not self.total_outbufs_len:
+        if held is None:
+            return bool(super().readable())
+        if not self.connected:  # closed earlier in this pass of the main loop
+            return False
+        if not self.requests and not self.total_outbufs_len and self._caught_up():
             self.held = None
             self.request_started, self.request_bytes = self.clock(), 0
             self.received(bytes(held))
-        return self.held is None and bool(super().readable())
+        return False
+
+    def _caught_up(self) -> bool:
+        """No answer bytes left unsent in the kernel (asked at most every RECHECK_SECONDS)."""
+        now = self.clock()
+        if now < self.next_check:
+            return False
+        self.next_check = now + RECHECK_SECONDS
+        return unsent_bytes(self.socket) == 0
 
     def received(self, data: bytes) -> bool:
         if self.held is not None:  # behind what is held, in order
