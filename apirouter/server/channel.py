@@ -129,18 +129,13 @@ class KeepAliveTask(WSGITask):
         never waits for the client to read: the bytes are in memory already, and waiting
         would pin this worker to a client that may never read (see ``GuardedChannel``).
         """
-        channel = self.channel
-        channel.wait_for_room = not self._ends_answer(data)
-        try:
-            self._write(data)
-        finally:
-            channel.wait_for_room = True
-
-    def _ends_answer(self, data: bytes) -> bool:
-        if not data:  # a head alone (HEAD, an empty body)
-            return not self.wrote_header
-        length = self.content_length
-        return length is not None and self.content_bytes_written + len(data) >= length
+        if data:
+            length = self.content_length
+            waits = length is None or self.content_bytes_written + len(data) < length
+        else:  # a head alone (HEAD, an empty body) ends the answer
+            waits = self.wrote_header
+        self.channel.wait_for_room = waits  # read by this write only: set by every write
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         if data and not self.wrote_header and self.complete:
