@@ -146,18 +146,38 @@ def test_pipelined_metrics_never_read_pin_no_worker(make_router, httpserver):
 
 
 def test_at_most_eight_pipelined_requests_are_queued_per_connection(make_router, httpserver):
-    """The unparsed rest waits until the answers are sent: a client that reads gets all
-    240 answers, in order, on one connection."""
+    """Behind a request that waits on its upstream, 239 pipelined ones: 7 are parsed and
+    queued, the rest of the bytes are held unparsed. A client that reads then gets all 240
+    answers, in order, on the one connection."""
+    release = threading.Event()
+
+    def held(request: Request) -> Response:
+        release.wait(10)
+        return Response(json.dumps({"choices": []}), content_type="application/json")
+
+    httpserver.expect_request(CHAT).respond_with_handler(held)
     router = make_router()
-    with connect(router.url) as reader:
-        reader.sendall(pipelined("/health/ready", 239) + pipelined("/health", 1))
+    with (
+        running(router.app) as (http_server, _),
+        connect(channel.listen_urls(http_server)[0]) as reader,
+    ):
+        reader.sendall(chat_request() + pipelined("/health/ready", 238) + pipelined("/health", 1))
+
+        def queued() -> channel.GuardedChannel | None:
+            found = [c for c in http_server.active_channels.values() if c.held is not None]
+            return found[0] if found else None
+
+        connection = wait_until(queued)
+        assert len(connection.requests) == channel.PIPELINE_DEPTH == 8
+        release.set()
         received = b""
         while received.count(b"HTTP/1.1 200 OK") < 240:
             chunk = reader.recv(1 << 20)
             assert chunk
             received += chunk
     answers = received.split(b"HTTP/1.1 200 OK")[1:]
-    assert b'"status": "ok"' in answers[-1] and b'"ready": true' in answers[0]
+    assert b'"choices"' in answers[0] and b'"ready": true' in answers[1]
+    assert b'"status": "ok"' in answers[-1]
 
 
 def test_the_admin_port_keeps_answering_probes_past_pipelining_non_readers(make_router, httpserver):

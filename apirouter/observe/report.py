@@ -102,6 +102,8 @@ class Reporter:
         if error is not None:
             if error.upstream_failure:
                 metrics.upstream_errors.labels(ctx.provider, error.error_type).inc()
+            elif isinstance(error, errors.ClientStalled):
+                pass  # counted by the server: it may disconnect after finish (App.client_stalled)
             elif isinstance(error, errors.ClientDisconnected):
                 metrics.client_disconnects.labels(ctx.route, error.error_type).inc()
             if self.tracking_enabled and self._reportable(error):

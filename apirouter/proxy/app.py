@@ -233,8 +233,9 @@ class App:
         return limit or self.settings.max_body_bytes
 
     def client_stalled(self, target: str) -> None:
-        """The server disconnected a client that read none of the answers it was sent
-        whole (no request of it was running, so no ``finish`` will count it)."""
+        """The server disconnected a client that took no byte for the write timeout. It
+        counts every stall here, by its last request's target: the stall may come after
+        that request's ``finish`` (an answer queued whole), so ``finish`` does not."""
         path = routes.target_path(target)
         match = None if path in _LOCAL_ROUTES else self.store.current.routes.match(path)
         route = match.endpoint.local_path if match else path if path in _LOCAL_ROUTES else "other"

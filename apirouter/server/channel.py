@@ -315,9 +315,9 @@ class GuardedChannel(RouterChannel):
 
     def readable(self) -> bool:
         """Read on (and parse held bytes) only once every queued request is answered and
-        the client has taken the answers, from our buffers and the kernel's: a client
-        that reads none of them gets nothing more rendered for it, only the write timeout.
-        """
+        the client has taken the answers: none left in our buffers, less than a watermark
+        in the kernel's. A client that reads none of them gets nothing more rendered for
+        it, only the write timeout."""
         held = self.held
         if held is None:
             return bool(super().readable())
@@ -330,12 +330,15 @@ class GuardedChannel(RouterChannel):
         return False
 
     def _caught_up(self) -> bool:
-        """No answer bytes left unsent in the kernel (asked at most every RECHECK_SECONDS)."""
+        """The kernel holds less than a watermark of answers the client has not taken
+        (asked again at most every RECHECK_SECONDS while it holds more)."""
         now = self.clock()
         if now < self.next_check:
             return False
+        if unsent_bytes(self.socket) < self.adj.outbuf_high_watermark:
+            return True
         self.next_check = now + RECHECK_SECONDS
-        return unsent_bytes(self.socket) == 0
+        return False
 
     def received(self, data: bytes) -> bool:
         if self.held is not None:  # behind what is held, in order
@@ -369,7 +372,8 @@ class GuardedServer(TcpWSGIServer):
     write_timeout = 60.0
     body_limit: BodyLimit | None = None  # the route's body limit, checked before the body
     on_slow_request: Callable[[], None] = staticmethod(lambda: None)
-    # a stall with no request running (its answer was queued whole): the last target
+    # counts every stall, by the last request's target: a stall may come after its
+    # request has finished (an answer queued whole), when no ``finish`` is left to count it
     on_stalled: Callable[[str], None] = staticmethod(lambda target: None)
 
     def handle_accept(self) -> None:
@@ -394,8 +398,7 @@ class GuardedServer(TcpWSGIServer):
             if not isinstance(channel, GuardedChannel):
                 continue
             if channel.stalled(clock, self.write_timeout):
-                if channel.hangup is None:  # else the request reports it (client_stalled)
-                    self.on_stalled(channel.last_target)
+                self.on_stalled(channel.last_target)
                 channel.disconnect_stalled()
             elif (
                 not channel.requests
