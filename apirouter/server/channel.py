@@ -60,6 +60,10 @@ PIPELINE_DEPTH = 8  # parsed requests queued per connection, at most
 # Below waitress's outbuf_overflow (1 MB) the buffer never spills to a temporary file.
 OUTBUF_HIGH_WATERMARK = 256 * 1024
 RECHECK_SECONDS = 0.01  # how often a connection holding requests asks the kernel
+PROGRESS_BYTES = 16 * 1024  # taken from the kernel's queue: a client reading, not stalled
+# Held requests are parsed once the kernel holds less than this for the client: a reader
+# gets there at once, one that never reads never does (its kernel only trickles bytes in)
+RESUME_UNSENT_BYTES = 64 * 1024
 STALLED = "client_stalled"
 GONE = "client_disconnected"
 _TIMEOUT_BODY = json.dumps(
@@ -203,8 +207,9 @@ class GuardedChannel(RouterChannel):
     close_reason = GONE
     last_target = ""  # the last request's target, to name the route of a stall
     held: bytearray | None = None  # received bytes left unparsed: the queue is full
-    held_since = 0.0
     next_check = 0.0  # when to ask the kernel again whether the client caught up
+    kernel_unsent = 0  # answer bytes the kernel still held for the client, last we asked
+    kernel_waiting_since: float | None = None  # since when they have not moved
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -280,11 +285,12 @@ class GuardedChannel(RouterChannel):
         return sent
 
     def stalled(self, now: float, timeout: float) -> bool:
-        """Bytes have waited ``timeout`` seconds with none taken by the client, or its
-        pipelined requests have waited that long for it to take their answers."""
+        """Bytes have waited ``timeout`` seconds with none taken by the client: in our
+        buffers, or (its pipelined requests held until it takes them) in the kernel's."""
         if self.total_outbufs_len:
             return now - self.write_progress > timeout
-        return self.held is not None and now - self.held_since > timeout
+        since = self.kernel_waiting_since
+        return self.held is not None and since is not None and now - since > timeout
 
     def disconnect_stalled(self) -> None:
         """Close a stalled client's connection (main loop): a worker blocked writing to it
@@ -310,14 +316,13 @@ class GuardedChannel(RouterChannel):
         if len(self.requests) < PIPELINE_DEPTH:
             return False
         self.held = bytearray(data)
-        self.held_since = self.clock()
         return True
 
     def readable(self) -> bool:
         """Read on (and parse held bytes) only once every queued request is answered and
-        the client has taken the answers: none left in our buffers, less than a watermark
-        in the kernel's. A client that reads none of them gets nothing more rendered for
-        it, only the write timeout."""
+        the client has taken the answers: none left in our buffers, little in the
+        kernel's. A client that reads none of them gets nothing more rendered for it, only
+        the write timeout."""
         held = self.held
         if held is None:
             return bool(super().readable())
@@ -330,13 +335,20 @@ class GuardedChannel(RouterChannel):
         return False
 
     def _caught_up(self) -> bool:
-        """The kernel holds less than a watermark of answers the client has not taken
-        (asked again at most every RECHECK_SECONDS while it holds more)."""
+        """The kernel holds little of the answers the client has not taken (asked again
+        at most every RECHECK_SECONDS while it holds more). Meanwhile the write clock runs,
+        restarted whenever the client takes a good part (``stalled``)."""
         now = self.clock()
         if now < self.next_check:
             return False
-        if unsent_bytes(self.socket) < self.adj.outbuf_high_watermark:
+        unsent = unsent_bytes(self.socket)
+        if unsent < RESUME_UNSENT_BYTES:
+            self.kernel_waiting_since = None
             return True
+        # the client's progress restarts the clock; a few bytes are the kernels' own
+        # bookkeeping (window probes, a compacted receive queue), not a reader's
+        if self.kernel_waiting_since is None or unsent <= self.kernel_unsent - PROGRESS_BYTES:
+            self.kernel_unsent, self.kernel_waiting_since = unsent, now
         self.next_check = now + RECHECK_SECONDS
         return False
 
