@@ -10,8 +10,9 @@
   ``100 Continue`` regardless. Ours looks the route's limit up from the request line
   (``body_limit``, on the current hot-reloaded config): a declared ``Content-Length`` over
   it is answered 413 before a body byte is read (never a ``100 Continue``), and a chunked
-  body is cut at limit + 1. Either way the connection is closed, so nothing more of the
-  body is read: no request spools more than its own route's limit.
+  body is cut once it passes the limit (at most ``MIN_FEED`` bytes past it are decoded,
+  and dropped at once). Either way the connection is closed, so nothing more of the body
+  is read.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from apirouter import errors
 
 # The largest body the route of a request target (its raw URI) accepts, in bytes.
 BodyLimit = Callable[[str], int]
+MIN_FEED = 64  # raw bytes of a chunked body parsed per step, at least
 
 
 class JsonProtocolError(Error):
@@ -90,7 +92,7 @@ class StrictRequestParser(HTTPRequestParser):
             return len(data)  # not parsed yet: the connection holds the bytes
         given = data
         if self.limit is not None and self.chunked and not self.completed:
-            data = data[: self._chunked_allowance()]  # never decode past limit + 1
+            data = data[: self._chunked_allowance()]  # never decode far past the limit
         consumed: int = super().received(data)
         if self.chunked and self.limit is not None and self._decoded() > self.limit:
             self._refuse("Request body exceeds the limit")
@@ -115,10 +117,11 @@ class StrictRequestParser(HTTPRequestParser):
         return 0 if receiver is None else len(receiver)
 
     def _chunked_allowance(self) -> int:
-        """Raw bytes to hand to the chunked decoder: at least one, and never so many that
-        it could decode more than limit + 1 bytes (framing makes raw >= decoded)."""
+        """Raw bytes to hand to the chunked decoder: never so many that it could decode
+        more than limit + ``MIN_FEED`` bytes (framing makes raw >= decoded), and never so
+        few that framing fed byte by byte costs a call per byte."""
         assert self.limit is not None
-        return max(1, self.limit + 1 - self._decoded())
+        return max(MIN_FEED, self.limit + 1 - self._decoded())
 
 
 class RouterChannel(HTTPChannel):
