@@ -45,6 +45,7 @@ from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
 from apirouter.server.protocol import BodyLimit, RouterChannel
+from apirouter.upstream import hangup
 from apirouter.upstream.hangup import ENVIRON_KEY as HANGUP_KEY
 from apirouter.upstream.hangup import Hangup
 
@@ -163,17 +164,20 @@ class KeepAliveTask(WSGITask):
         """waitress's environ, plus the ``Hangup`` through which the main loop tells the
         app that this request's client is gone."""
         environ: dict[str, Any] = super().get_environment()
-        if HANGUP_KEY not in environ:
-            hangup = environ[HANGUP_KEY] = Hangup()
-            self.channel.hangup = hangup
-            self.channel.last_target = self.request.request_uri
+        environ[HANGUP_KEY] = self.channel.hangup
         return environ
 
     def service(self) -> None:
+        """Serve the request with a ``Hangup`` the main loop can fire meanwhile."""
+        channel = self.channel
+        channel.hangup = gone = Hangup()
+        channel.last_target = self.request.request_uri
+        hangup.serving(gone)
         try:
             super().service()
         finally:
-            self.channel.hangup = None  # the request is over: nothing to hang up
+            hangup.serving(None)
+            channel.hangup = None  # the request is over: nothing to hang up
 
     def build_response_header(self) -> bytes:
         asked_to_close = self.close_on_finish or (

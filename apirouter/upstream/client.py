@@ -107,11 +107,7 @@ class Upstream:
                 content=body,
                 extensions={"timeout": timeout.as_dict()},
             )
-            hangup.sending(gone)
-            try:
-                response = self.client.send(request, stream=True)
-            finally:
-                hangup.sending(None)
+            response = self.client.send(request, stream=True)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             if gone is not None and gone.reason is not None:
                 raise errors.client_gone(gone.reason, CLIENT_LEFT) from exc

@@ -8,9 +8,11 @@ client's EOF, or it disconnects a stalled client), so it ``fire``\\s the request
 which ends the worker's blocked read at once. The worker then reports the outcome as the
 client's (``client_disconnected`` or ``client_stalled``), never as an upstream failure.
 
-A connection is *claimed* by the request that writes its head (``claim``): a pooled
-connection reused by a later request then belongs to that one, and an old request's late
-hang-up can never shut it.
+The server marks the thread serving a request (``serving``). A connection is *claimed*
+by the request that writes its head on it (``claim``), and released when its response is
+closed and it goes back to the pool (``release_current``, from the pool): a pooled
+connection then belongs to no one, or to the later request that claims it, and an old
+request's late hang-up can never shut it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 from typing import Any, Protocol
 
 ENVIRON_KEY = "apirouter.hangup"  # where the embedded server puts a request's Hangup
-_current = threading.local()  # the hang-up of the request this thread is sending
+_current = threading.local()  # the hang-up of the request this thread is serving
 _owners = threading.Lock()  # claims and hang-ups: each once per request at most
 
 
@@ -51,6 +53,14 @@ class Hangup:
             if connection is not None and connection.owner is self:
                 shut(connection.raw_socket())
 
+    def disarm(self) -> None:
+        """The request is done with its connection (its response is closed, and the
+        connection goes back to the pool): a later hang-up must not shut it."""
+        with _owners:
+            connection, self._connection = self._connection, None
+            if connection is not None and connection.owner is self:
+                connection.owner = None
+
 
 def shut(sock: Any) -> None:
     """Shut a socket down in both directions (its owner's blocked read returns at once);
@@ -61,15 +71,22 @@ def shut(sock: Any) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
-def sending(hangup: Hangup | None) -> None:
-    """This thread now sends ``hangup``'s request (None: it is sent): the connection its
-    head is written to is claimed for it."""
+def serving(hangup: Hangup | None) -> None:
+    """This thread now serves ``hangup``'s request (None: it is over): the connections
+    it writes a request head to are claimed for it."""
     _current.hangup = hangup
 
 
+def release_current() -> None:
+    """A response this thread read is closed (its connection goes back to the pool)."""
+    gone: Hangup | None = getattr(_current, "hangup", None)
+    if gone is not None:
+        gone.disarm()
+
+
 def claim(connection: Claimable) -> None:
-    """Called as a request's head is written on ``connection``: the request being sent on
-    this thread (if it has a hang-up) owns it from now on, and no earlier one does."""
+    """Called as a request's head is written on ``connection``: the request this thread
+    serves (if it has a hang-up) owns it from now on, and no earlier one does."""
     hangup: Hangup | None = getattr(_current, "hangup", None)
     if hangup is None and connection.owner is None:
         return
