@@ -197,7 +197,8 @@ class SlowUpstream:
     """A raw-socket upstream that reads a request and answers only when told; it notes when
     the router closes a connection it is holding."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: bytes = b"") -> None:
+        self.first = first  # sent at once (the start of a stream), then silence
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
         self.holding = threading.Semaphore(0)
@@ -216,6 +217,7 @@ class SlowUpstream:
     def _hold(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
+            conn.sendall(self.first)
             self.holding.release()
             conn.settimeout(0.05)
             while not self.answer.is_set():
@@ -286,3 +288,27 @@ def test_a_client_hanging_up_on_a_plain_request_stops_the_upstream_request(
     assert total(router, "apirouter_upstream_errors_total") == 0
     if how == "half-close":
         leaving.close()
+
+
+def test_a_client_hanging_up_on_a_quiet_stream_stops_the_upstream_at_once(make_router):
+    """No event to write, so no failed write to notice it by: the main loop's EOF does."""
+    event = b'data: {"choices": []}\n\n'
+    upstream = SlowUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(event), event)
+    )
+    try:
+        router = make_router(
+            {"baseUrl": upstream.url, "streamConfig": {"heartbeatIntervalSecs": 3600}}
+        )
+        with httpx.stream(
+            "POST", router.url + CHAT, json={"model": "m", "stream": True}, timeout=10
+        ) as response:
+            chunks = response.iter_raw()
+            assert next(chunks) == event
+        assert upstream.closed.wait(10), "the upstream stream kept running"
+        labels = {"route": CHAT, "reason": "client_disconnected"}
+        wait_until(lambda: router.sample("apirouter_client_disconnects_total", labels) == 1)
+        assert total(router, "apirouter_upstream_errors_total") == 0
+    finally:
+        upstream.close()
