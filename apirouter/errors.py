@@ -19,6 +19,7 @@ keeps its own mapping table.
     │   ├── RateLimited                 429 (carries Retry-After)
     │   └── NotImplementedHere          501 a route WSGI cannot carry (the Realtime API)
     ├── ClientDisconnected              499 in metrics and logs, never sent to Sentry
+    │   └── ClientStalled               ... or accepted no byte for the write timeout
     ├── NoHealthyUpstream               503 every upstream and fallback is cooling down
     ├── OverCapacity                    503 + Retry-After: every slot is taken; not reported
     ├── ServerError                     ours: 500, reported
@@ -168,6 +169,20 @@ class ClientDisconnected(RouterError):
     error_type = "client_disconnected"
     sentry_level: SentryLevel = "info"
     reported = False
+
+
+class ClientStalled(ClientDisconnected):
+    """The client accepted no byte of its response for ``APIROUTER_WRITE_TIMEOUT_SECONDS``:
+    the server disconnected it, freeing its slot, worker and upstream connection."""
+
+    error_type = "client_stalled"
+
+
+def client_gone(reason: str | None, message: str) -> ClientDisconnected:
+    """The error for a client the server saw leave (``reason``: the server's word)."""
+    if reason == ClientStalled.error_type:
+        return ClientStalled(message)
+    return ClientDisconnected(message)
 
 
 class NoHealthyUpstream(RouterError):

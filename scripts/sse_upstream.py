@@ -6,13 +6,15 @@
 POST with ``"stream": true`` in the body: an SSE stream of ``events`` events (default 20,
 the last one ``data: [DONE]``) ``gap`` seconds apart (default 0.005), chunked, each data
 event carrying the upstream's CLOCK_MONOTONIC send time ``t`` so a client on the same
-machine can measure the delay added on the way. Any other POST: a small chat completion.
+machine can measure the delay added on the way. ``GET .../files/file-N/content``: N bytes
+of a download, generated as they are sent. Any other request: a small chat completion.
 A Sentry envelope POST is accepted with 200. Thousands of concurrent streams cost it
 little, so it is never the bottleneck of what it measures.
 """
 
 import asyncio
 import json
+import re
 import sys
 import time
 
@@ -53,6 +55,19 @@ async def stream(
     writer.write(final + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
+DOWNLOAD = re.compile(rb"^GET \S*/files/file-(\d+)/content ")
+PIECE = b"x" * 65536
+
+
+async def send_download(writer: asyncio.StreamWriter, size: int) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n")
+    writer.write(b"Content-Length: %d\r\n\r\n" % size)
+    while size > 0:
+        writer.write(PIECE[:size])
+        size -= len(PIECE)
+        await writer.drain()
+
+
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while True:
@@ -62,8 +77,12 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             body = await reader.readexactly(length) if length else b""
-            if b"/api/1/envelope/" in head.split(b"\r\n")[0]:  # a Sentry ingest that accepts
+            request_line = head.split(b"\r\n")[0]
+            download = DOWNLOAD.search(request_line)
+            if b"/api/1/envelope/" in request_line:  # a Sentry ingest that accepts
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            elif download:
+                await send_download(writer, int(download.group(1)))
             elif b'"stream": true' in body:
                 params = json.loads(body)
                 usage = (params.get("stream_options") or {}).get("include_usage") is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -199,7 +200,15 @@ def test_client_disconnect_mid_stream_releases_the_upstream(make_router, httpser
         first = next(response.iter_raw())
         assert first.startswith(b"data: ")
     assert upstream_closed.wait(10), "the router kept reading from the upstream"
-    wait_until(lambda: router.sample("apirouter_client_disconnects_total", {"route": CHAT}) == 1)
+    wait_until(
+        lambda: (
+            router.sample(
+                "apirouter_client_disconnects_total",
+                {"route": CHAT, "reason": "client_disconnected"},
+            )
+            == 1
+        )
+    )
     assert router.sample("apirouter_requests_in_flight") == 0
 
 
@@ -346,6 +355,30 @@ def test_a_stream_cut_mid_event_ends_without_its_terminating_chunk(make_router):
     assert not raw.endswith(b"0\r\n\r\n")  # ...but the response never claims to be whole
     labels = {"provider": "testprov", "error_type": "upstream_stream_cut"}
     wait_until(lambda: router.sample("apirouter_upstream_errors_total", labels) == 1)
+
+
+def test_a_stream_silent_past_the_read_timeout_ends_as_upstream_timeout(make_router, httpserver):
+    router = make_router({"retry": {"maxAttempts": 1}}, read_timeout=0.3)
+    release = threading.Event()
+
+    def silent_after_one_event(request: Request) -> Response:
+        def events() -> Iterator[bytes]:
+            yield b'data: {"choices": []}\n\n'
+            release.wait(10)  # silent far past the read timeout
+
+        return Response(events(), content_type="text/event-stream")
+
+    httpserver.expect_request(CHAT).respond_with_handler(silent_after_one_event)
+    try:
+        raw = raw_post(router.url, CHAT, b'{"model": "m", "stream": true}')
+    finally:
+        release.set()
+    assert raw.startswith(b"HTTP/1.1 200 ") and b'data: {"choices": []}' in raw
+    assert not raw.endswith(b"0\r\n\r\n")  # the client can tell it is incomplete
+    timeouts = {"provider": "testprov", "error_type": "upstream_timeout"}
+    wait_until(lambda: router.sample("apirouter_upstream_errors_total", timeouts) == 1)
+    cuts = {"provider": "testprov", "error_type": "upstream_stream_cut"}
+    assert router.sample("apirouter_upstream_errors_total", cuts) == 0
 
 
 def raw_post(url: str, path: str, body: bytes) -> bytes:

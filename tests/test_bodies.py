@@ -10,6 +10,7 @@ neither side of the test holds 100 MB either.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+from werkzeug import Response
 
 from apirouter.proxy import inbound
 from apirouter.proxy.inbound import REPLAYABLE_BYTES, Incoming, multipart_stream, open_body
@@ -368,6 +371,33 @@ def test_a_25_mib_model_list_is_read_no_further_than_its_bound(tmp_path, upstrea
     assert [m["id"] for m in response.json()["data"]] == ["fast"]  # the aliases alone
     assert response.headers["X-Apirouter-Partial"] == "upstream-unavailable"
     assert memory["growth_mb"] < 16, memory
+
+
+def test_a_gzip_bomb_answer_to_8_concurrent_requests_stays_within_bounded_memory(
+    tmp_path, httpserver
+):
+    """59 KiB of gzip inflating to 60 MiB: the usage reader inflates in bounded steps up to
+    its cap, where it once inflated each read whole (8 at once: +480 MB)."""
+    packed = gzip.compress(b'{"pad": "' + bytes(60 * MB) + b'"}', compresslevel=9)
+    assert len(packed) < 64 * 1024
+    answer = Response(
+        packed, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    )
+    httpserver.expect_request("/v1/chat/completions").respond_with_response(answer)
+
+    def ask(url: str) -> tuple[int, int]:
+        with httpx.stream(
+            "POST", url, json={"model": "m"}, headers={"Accept-Encoding": "gzip"}, timeout=60
+        ) as response:
+            return response.status_code, sum(len(chunk) for chunk in response.iter_raw())
+
+    with router_process(tmp_path, {"baseUrl": httpserver.url_for("/v1")}) as router:
+        url = router.url + "/v1/chat/completions"
+        assert ask(url) == (200, len(packed))  # warm: relayed compressed, as sent
+        with peak_rss_growth(router) as memory, ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, [url] * 8))
+    assert answers == [(200, len(packed))] * 8
+    assert memory["growth_mb"] < 32, memory
 
 
 # --- what the upstream receives -------------------------------------------------------------------

@@ -146,11 +146,13 @@ def test_past_capacity_requests_get_503_over_capacity_while_streams_run(make_rou
 
     httpserver.expect_request(CHAT).respond_with_handler(lambda _: sse_response(held_stream()))
     with httpx.Client(timeout=10) as client, ExitStack() as streams:
+        readers = []  # kept: a dropped reader closes its connection, and the router sees it
         for _ in range(2):
             response = streams.enter_context(
                 client.stream("POST", router.url + CHAT, json={"model": "m", "stream": True})
             )
-            assert next(response.iter_raw()).startswith(b"data: ")
+            readers.append(response.iter_raw())
+            assert next(readers[-1]).startswith(b"data: ")
         assert router.sample("apirouter_streams_in_flight") == 2
         refused = httpx.post(router.url + CHAT, json={"model": "m"}, timeout=10)
         assert httpx.get(router.url + "/health/ready").json()["checks"]["capacity_left"] is False

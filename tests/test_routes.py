@@ -208,6 +208,13 @@ def test_custom_template_route_fills_its_placeholders_into_the_upstream_path(
         ("GET", "/v1/models/org%2F..%2Fsecret", "model"),
         ("GET", "/v1/files//content", "id"),
         ("GET", "/v1/responses/", "id"),
+        ("GET", "/v1/files/%252e%252e", "id"),  # '..' to an upstream that decodes twice
+        ("GET", "/v1/files/%252E%252e%252Fadmin/content", "id"),
+        ("GET", "/v1/models/org%252F..", "model"),
+        ("GET", "/v1/files/..;/content", "id"),  # '..' to servers stripping ;parameters
+        ("GET", "/v1/files/file-1;v=2", "id"),
+        ("GET", "/v1/files/a%3Bb", "id"),
+        ("GET", "/v1/files/a%2F%2Fb", "id"),  # an empty step between encoded slashes
     ],
 )
 def test_dot_and_empty_segments_are_refused_with_400(shared, httpserver, method, path, placeholder):
@@ -219,6 +226,35 @@ def test_dot_and_empty_segments_are_refused_with_400(shared, httpserver, method,
     assert error["code"] == "bad_request"
     assert f"{{{placeholder}}}" in error["message"]
     assert seen == []  # never sent upstream, where it could resolve as a path step
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/files/abc#/content"),  # would reach the upstream as /v1/files/abc
+        ("GET", "/v1/files/abc/content#x"),
+        ("DELETE", "/v1/files/abc#"),
+        ("GET", "/v1/files?limit=3#frag"),
+        ("GET", "/health#x"),
+    ],
+)
+def test_a_raw_hash_in_the_request_target_is_refused_with_400(shared, httpserver, method, path):
+    seen = record_all(httpserver)
+    status, headers, body = raw_request(shared, method, path)
+    assert status == 400, body
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert (error["code"], set(error)) == ("bad_request", {"message", "type", "code"})
+    assert "'#'" in error["message"]
+    assert seen == []
+
+
+def test_a_hash_gets_through_not_even_to_a_route_switched_off(make_router, httpserver):
+    router = make_router({"endpoints": {"/v1/files/{id}": {"enabled": False}}})
+    seen = record_all(httpserver)
+    assert raw_request(router, "GET", "/v1/files/abc#/content")[0] == 400
+    assert raw_request(router, "GET", "/v1/files/abc")[0] == 404
+    assert seen == []
 
 
 def test_dot_inside_an_id_is_an_ordinary_id(shared, httpserver):

@@ -217,3 +217,20 @@ def test_waitress_body_limit_stays_above_every_route_limit(tmp_path):
     config = load_file(path)
     assert server.body_backstop(32 * 1024 * 1024, config) == 900_000_000 * 2 + 1024 * 1024
     assert server.body_backstop(2_000_000_000, config) == 4_000_000_000 + 1024 * 1024
+
+
+def test_metrics_can_leave_the_main_port_for_the_admin_port(make_router):
+    moved = make_router(admin_port=0, metrics_on_main_port=False).app
+    with running(moved) as (http_server, _):
+        main = channel.listen_urls(http_server)[0]
+        hidden = httpx.get(main + "/metrics", timeout=5)
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+        assert httpx.get(main + "/health", timeout=5).status_code == 200
+        admin = httpx.get(http_server.admin.url + "/metrics", timeout=5)
+        assert admin.status_code == 200 and b"apirouter_build_info" in admin.content
+    kept = make_router(admin_port=0).app  # the default: existing scrapers keep working
+    with running(kept) as (http_server, _):
+        main = channel.listen_urls(http_server)[0]
+        assert httpx.get(main + "/metrics", timeout=5).status_code == 200
+    alone = make_router(metrics_on_main_port=False)  # no admin port: nowhere else to go
+    assert httpx.get(alone.url + "/metrics", timeout=5).status_code == 200

@@ -229,6 +229,34 @@ def test_an_upstream_5xx_event_links_to_its_transaction_and_the_alert_still_goes
     assert_nothing_private(ingest)
 
 
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/v1/files/file-CONCRETE-ID-41/content", "/v1/files/{id}/content"),
+        ("/v1/models/made-up-CONCRETE-ID-42", "/v1/models/{model}"),
+    ],
+)
+def test_sentry_names_the_route_template_and_host_never_a_concrete_id(
+    sentry, make_router, httpserver, ingest, path, route
+):
+    sentry(sentry_traces_sample_rate=1.0)
+    router = make_router({"retry": {"maxAttempts": 1}}, **TRACED)
+    httpserver.expect_request(path).respond_with_handler(answer(status=500))
+    response = httpx.get(router.url + path + "?after=CONCRETE-QUERY-43", timeout=10)
+    assert response.status_code == 500
+
+    [event] = ingest.wait_for_events(1)
+    [transaction] = transactions(ingest)
+    upstream_template = httpserver.url_for(route)
+    assert event["contexts"]["upstream"]["url"] == upstream_template
+    assert transaction["transaction"] == f"GET {route}"
+    spans = transaction["spans"] + transaction["v2_spans"]
+    assert [s.get("description") or s.get("name") for s in spans] == [f"GET {upstream_template}"]
+    raw = ingest.raw_bytes()
+    for concrete in (b"CONCRETE-ID", b"CONCRETE-QUERY"):
+        assert concrete not in raw
+
+
 def test_each_attempt_is_a_span_and_a_retried_one_says_why(sentry, make_router, httpserver, ingest):
     httpserver.expect_request("/good" + CHAT).respond_with_handler(answer())
     config = {

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apirouter.observe.usage import Usage, UsageReader, counts
+from apirouter.observe.usage import INFLATE_STEP, MAX_JSON_BODY, Usage, UsageReader, counts
 
 
 def sse(*documents: dict | str) -> bytes:
@@ -156,3 +156,45 @@ def test_odd_bodies_are_unknown_never_an_error(body):
 def test_counts_ignores_nonsense_values():
     assert counts({"prompt_tokens": -3, "completion_tokens": True}) == Usage(0, 0, 0)
     assert counts(None) is None
+
+
+def test_counts_above_a_trillion_or_not_plain_integers_are_ignored():
+    hostile = {
+        "prompt_tokens": 10**400,
+        "completion_tokens": 10**20,
+        "prompt_tokens_details": {"cached_tokens": -(10**400)},
+    }
+    assert counts(hostile) == Usage(0, 0, 0)
+    assert counts({"prompt_tokens": 1e20, "completion_tokens": [7]}) == Usage(0, 0, 0)
+    assert counts({"input_tokens": {"n": 3}, "output_tokens": 10**12}) == Usage(0, 0, 10**12)
+
+
+def bomb(size: int) -> bytes:
+    """A gzip body of ``size`` zero bytes (60 MiB pack into about 59 KiB)."""
+    return gzip.compress(bytes(size), compresslevel=9)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_a_gzip_bomb_is_inflated_in_bounded_steps(content_type):
+    import tracemalloc
+
+    packed = bomb(60 * 1024 * 1024)
+    assert len(packed) < 64 * 1024
+    tracemalloc.start()
+    try:
+        reader = UsageReader(content_type, "gzip")
+        for start in range(0, len(packed), 16 * 1024):
+            reader.feed(packed[start : start + 16 * 1024])
+        assert reader.result() is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MAX_JSON_BODY + 1024 * 1024  # never the 60 MiB, nor a copy of the cap
+
+
+def test_a_gzip_body_inflating_to_whole_steps_is_read_to_its_end():
+    padding = " " * (4 * INFLATE_STEP - 20)  # the usage sits past several full steps
+    data = ('{"pad": "' + padding + '", "usage": {"prompt_tokens": 5}}').encode()
+    assert read([gzip.compress(data)], "application/json", "gzip") == Usage(5, 0, 0)
+    events = sse({"pad": padding}, {"choices": [], "usage": {"prompt_tokens": 6}})
+    assert read([gzip.compress(events)], "text/event-stream", "gzip") == Usage(6, 0, 0)

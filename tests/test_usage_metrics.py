@@ -13,6 +13,9 @@ import json
 import anthropic
 import httpx
 import openai
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from upstream_fakes import ANTHROPIC_MESSAGE, CHAT_COMPLETION, anthropic_stream, chat_chunk
 from werkzeug import Request, Response
 
@@ -227,3 +230,90 @@ def test_per_key_token_counts_are_opt_in(make_router, httpserver):
     text = httpx.get(on.url + "/metrics").text
     assert 'apirouter_tokens_by_key_total{client_key="sk-o...' in text
     assert "sk-one-0123456789" not in text
+
+
+# --- hostile usage: nothing an upstream sends makes finish skip its work ---------------------
+
+USAGE_KEYS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "prompt_tokens_details",
+    "cached_tokens",
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "input_tokens_details",
+]
+HOSTILE_NUMBERS = st.sampled_from([10**400, 10**20, 10**12 + 1, -5, -(10**400), 1e20, 1e308])
+HOSTILE_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | HOSTILE_NUMBERS
+    | st.integers()
+    | st.floats()  # NaN and infinities included: Python's json reads them
+    | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(USAGE_KEYS), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+HOSTILE_USAGE = st.dictionaries(
+    st.sampled_from(USAGE_KEYS), HOSTILE_NUMBERS | HOSTILE_VALUES, min_size=1, max_size=6
+)
+
+
+def hostile_answer(usage: object, shape: str) -> tuple[bytes, str]:
+    """A body carrying ``usage`` where each supported shape puts it."""
+    if shape == "json":
+        return json.dumps({"id": "c", "usage": usage}).encode(), "application/json"
+    document = {
+        "chat": {"choices": [], "usage": usage},
+        "responses": {"type": "response.completed", "response": {"usage": usage}},
+        "anthropic": {"type": "message_start", "message": {"usage": usage}},
+    }[shape]
+    return b"data: " + json.dumps(document).encode() + b"\n\n", "text/event-stream"
+
+
+@pytest.fixture
+def plain_router(make_router):
+    """One router for every example (``retry`` off: one attempt per request)."""
+    return make_router({"retry": {"maxAttempts": 1}})
+
+
+def failed_attempts(router) -> float:
+    upstream = router.app.store.current.upstreams[0].name
+    labels = {"provider": "testprov", "upstream": upstream, "outcome": "failed"}
+    return router.sample("apirouter_upstream_attempts_total", labels)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@example(usage={"prompt_tokens": 10**400}, shape="json", status=500)  # the issue's cases
+@example(usage={"input_tokens": 10**20, "output_tokens": 10**400}, shape="anthropic", status=200)
+@example(usage={"prompt_tokens": -(10**400), "completion_tokens": 1e20}, shape="chat", status=200)
+@example(usage={"input_tokens": {"n": [10**400]}}, shape="responses", status=500)
+@given(
+    usage=HOSTILE_USAGE | HOSTILE_VALUES,
+    shape=st.sampled_from(["json", "chat", "responses", "anthropic"]),
+    status=st.sampled_from([200, 500]),
+)
+def test_hostile_usage_never_skips_the_log_line_the_failure_window_or_health(
+    plain_router, httpserver, log_lines, usage, shape, status
+):
+    body, content_type = hostile_answer(usage, shape)
+    httpserver.clear()
+    httpserver.expect_request(CHAT).respond_with_data(body, status, content_type=content_type)
+    failures_before = failed_attempts(plain_router)
+    response = httpx.post(plain_router.v1 + "/chat/completions", json={"model": "m"}, timeout=10)
+    assert response.status_code == status
+    request_id = response.headers["x-request-id"]
+    assert any(request_id in line and f"status={status}" in line for line in log_lines)
+    assert failed_attempts(plain_router) == failures_before + (status == 500)
+    health = httpx.get(plain_router.url + "/health")
+    assert health.status_code == 200
+    for totals in health.json()["tokens"].values():
+        assert all(isinstance(n, int) and 0 <= n < 10**15 for n in totals.values())
+    assert plain_router.app.reporter.in_flight == 0

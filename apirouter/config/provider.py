@@ -156,7 +156,7 @@ class ProviderConfig:
     disabled: frozenset[str] = frozenset()
     # what a passed-through request is, before its label: the provider's key header,
     # rate limit and stream settings
-    passthrough_endpoint: Endpoint = Endpoint("other", "{path}", passthrough=True)
+    passthrough_endpoint: Endpoint = Endpoint("other", "/{path}", passthrough=True)
 
     @property
     def base_url(self) -> str:
@@ -182,7 +182,8 @@ class ProviderConfig:
         family = passing.family(raw_path)
         if family is None or not passing.allowed(family, self.passthrough):
             return None
-        return Match(self._passthrough_endpoints[passing.label(family)], {"path": raw_path[3:]})
+        path = raw_path[len(passing.PREFIX) :]  # the upstream path is "/" + this
+        return Match(self._passthrough_endpoints[passing.label(family)], {"path": path})
 
     @cached_property
     def _disabled_routes(self) -> RouteTable[str]:
@@ -951,7 +952,7 @@ def _passthrough_endpoint(defaults: dict[str, Any]) -> Endpoint:
     body, the path as the client sent it, the provider's key header and limits."""
     return Endpoint(
         local_path=passing.OTHER,
-        upstream_path="{path}",
+        upstream_path="/{path}",
         methods=METHODS,
         requires_model=False,
         body_kinds=frozenset(BODY_KINDS),

@@ -1,11 +1,12 @@
 """Path templates: which configured route a request path belongs to.
 
 A template such as ``/v1/files/{id}/content`` has literal segments and placeholders; a
-placeholder matches one *raw* path segment (an empty one, ``.`` or ``..`` is refused with a
-400). Matching runs on the request URI as the client sent it, not on the percent-decoded
-path: model ids may contain ``/`` (the openai SDK sends ``gpt%2F4``), and decoding first
-would split them into two segments. The raw value is what goes into the upstream path, so
-the upstream sees the id exactly as the client wrote it.
+placeholder matches one *raw* path segment (an empty one, ``.`` or ``..`` even after a
+second decode, or one holding ``;``, is refused with a 400). Matching runs on the request
+URI as the client sent it, not on the percent-decoded path: model ids may contain ``/``
+(the openai SDK sends ``gpt%2F4``), and decoding first would split them into two
+segments. The raw value is what goes into the upstream path, so the upstream sees the id
+exactly as the client wrote it.
 
 The template, never the concrete path, is the route label in metrics, logs and Sentry, so
 ids cannot explode label cardinality.
@@ -81,10 +82,13 @@ def _compile(template: str) -> re.Pattern[str]:
 
 
 def check_segments(params: Mapping[str, str]) -> None:
-    """Refuse empty, ``.`` and ``..`` ids: the upstream would resolve them as path steps.
+    """Refuse ids an upstream could resolve as path steps: the raw value goes upstream.
 
-    That includes steps hidden behind an encoded slash (``..%2F..%2Fadmin``): an upstream
-    that decodes ``%2F`` before routing would walk out of the route, carrying our key.
+    Each id is decoded *twice* and split at (encoded) slashes and backslashes, because an
+    upstream or a proxy before it may decode once more than we do: ``%252e%252e`` is
+    ``..`` there, and ``..%2F..%2Fadmin`` walks out of the route, carrying our key. A piece
+    that is empty, ``.`` or ``..``, or an id holding ``;`` (``..;`` is ``..`` to servers
+    that strip path parameters) is a 400.
     """
     for name, value in params.items():
         if not value:
@@ -93,11 +97,25 @@ def check_segments(params: Mapping[str, str]) -> None:
             raise errors.BadRequest(
                 f"Path segment {{{name}}} must be printable ASCII; percent-encode other bytes."
             )
-        if any(step in (".", "..") for step in unquote(value).replace("\\", "/").split("/")):
+        decoded = unquote(unquote(value))
+        if ";" in decoded:
+            raise errors.BadRequest(f"Path segment {{{name}}} must not contain ';'.")
+        if any(step in ("", ".", "..") for step in decoded.replace("\\", "/").split("/")):
             raise errors.BadRequest(
-                f"Path segment {{{name}}} must not be '.' or '..', nor contain them between "
-                "slashes."
+                f"Path segment {{{name}}} must not be '.' or '..', nor contain them or an "
+                "empty step between slashes."
             )
+
+
+def check_target(environ: Mapping[str, Any]) -> None:
+    """Refuse a raw ``#`` in the request target (RFC 9112 allows no fragment there).
+
+    Sent on upstream, it would cut the upstream path at the ``#``: ``/v1/files/abc#/content``
+    matches the ``/content`` route but reaches the upstream as ``/v1/files/abc``.
+    """
+    uri = environ.get("REQUEST_URI") or environ.get("RAW_URI") or ""
+    if "#" in uri:
+        raise errors.BadRequest("The request target must not contain '#'; percent-encode it.")
 
 
 def raw_path(environ: Mapping[str, Any]) -> str:
@@ -105,8 +123,13 @@ def raw_path(environ: Mapping[str, Any]) -> str:
     (other servers) the decoded path re-encoded."""
     uri = environ.get("REQUEST_URI") or environ.get("RAW_URI")
     if uri:
-        path = uri.partition("?")[0]
-        if path.startswith("/"):
-            return str(path)
-        return "/" + path.split("/", 3)[-1] if "://" in path else "/"
+        return target_path(uri)
     return quote((environ.get("PATH_INFO") or "/").encode("latin-1"), safe="/:@!$&'()*+,;=-._~")
+
+
+def target_path(uri: str) -> str:
+    """The raw path of a request target (origin form ``/a?b``, or absolute form)."""
+    path = uri.partition("?")[0]
+    if path.startswith("/"):
+        return path
+    return "/" + path.split("/", 3)[-1] if "://" in path else "/"

@@ -270,12 +270,28 @@ VARIABLES: tuple[Variable, ...] = (
         "second per 64 KB received); slower connections are answered 408 and closed.",
     ),
     Variable(
+        "APIROUTER_WRITE_TIMEOUT_SECONDS",
+        "write_timeout",
+        _positive_seconds,
+        "60",
+        "Longest time a client may accept no byte of a response waiting to be sent; then "
+        "it is disconnected (client_stalled) and its slot, thread and upstream are freed.",
+    ),
+    Variable(
         "APIROUTER_ADMIN_PORT",
         "admin_port",
         _optional_port,
         "",
         "Also serve /health, /health/ready and /metrics on this port, from their own thread; "
         "empty = off.",
+    ),
+    Variable(
+        "APIROUTER_METRICS_ON_MAIN_PORT",
+        "metrics_on_main_port",
+        _boolean,
+        "1",
+        "Serve /metrics on the main port too; 0 = only on the admin port (404 on the main "
+        "port; needs APIROUTER_ADMIN_PORT).",
     ),
     Variable(
         "APIROUTER_SHUTDOWN_GRACE_SECONDS",
@@ -430,7 +446,9 @@ class Settings:
     max_concurrent: int
     max_concurrent_per_key: int
     header_timeout: float
+    write_timeout: float
     admin_port: int | None
+    metrics_on_main_port: bool
     shutdown_grace: float
     sentry_dsn: str | None
     sentry_sample_rate: float

@@ -44,7 +44,7 @@ class RequestContext:
     target: Target | None = None  # the upstream of the last attempt
     attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier, retried attempts
     upstream_host: str = ""
-    upstream_url: str = ""  # without query string
+    upstream_url: str = ""  # base URL + the upstream path template: no id, no query
     upstream_status: int | None = None
     upstream_seconds: float | None = None
     # filled as the answer is relayed (usage metrics, access log, tracing)

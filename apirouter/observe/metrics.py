@@ -172,8 +172,9 @@ class Metrics:
         )
         self.client_disconnects = Counter(
             "apirouter_client_disconnects",
-            "Clients that left before the response was complete.",
-            ["route"],
+            "Clients that left before the response was complete (reason: "
+            "client_disconnected, or client_stalled: accepted no byte for the write timeout).",
+            ["route", "reason"],
             registry=registry,
         )
         self.in_flight = SampledGauge(

@@ -111,13 +111,18 @@ class Reporter:
         metrics.request_duration.labels(ctx.route).observe(elapsed)
         if ctx.upstream_seconds is not None:
             metrics.upstream_duration.labels(ctx.provider).observe(ctx.upstream_seconds)
-        self._record_answer(ctx)
+        try:  # what the upstream sent never costs the log line, Sentry or the window
+            self._record_answer(ctx)
+        except Exception:
+            log.exception("failed to record the answer of request %s", ctx.request_id)
         captured = False
         if error is not None:
             if error.upstream_failure:
                 metrics.upstream_errors.labels(ctx.provider, error.error_type).inc()
+            elif isinstance(error, errors.ClientStalled):
+                pass  # counted by the server: it may disconnect after finish (App.client_stalled)
             elif isinstance(error, errors.ClientDisconnected):
-                metrics.client_disconnects.labels(ctx.route).inc()
+                metrics.client_disconnects.labels(ctx.route, error.error_type).inc()
             if self.tracking_enabled and self._reportable(error):
                 tracking.capture_failure(ctx, error, outcome.status)
                 captured = True

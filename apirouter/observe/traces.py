@@ -112,7 +112,8 @@ class RequestTrace:
         self, target: Target, method: str, url: str, headers: dict[str, str]
     ) -> None:
         """Open the span of one upstream attempt (closing a previous one left open) and,
-        for a listed host only, add the trace headers to ``headers``."""
+        for a listed host only, add the trace headers to ``headers``. ``url`` names the
+        route's template (``.../files/{id}``), never a concrete id."""
         try:
             self._end_span(None, None)
             parent: Span = self.transaction
@@ -120,7 +121,7 @@ class RequestTrace:
                 op = f"gen_ai.{self._operation}" if self._operation else "http.client"
                 span = self.transaction.start_child(
                     op=op,
-                    name=self._operation or f"{method} {url.partition('?')[0]}",
+                    name=self._operation or f"{method} {url}",
                     origin="manual.apirouter",
                 )
                 span.set_data("http.request.method", method)

@@ -9,10 +9,12 @@ never holds a byte back. The reader copes with what real upstreams send:
   Anthropic's ``message_start`` and ``message_delta`` (cumulative: the last value wins);
 - events split across chunks at any byte;
 - gzip or deflate bodies (the official SDKs ask for them): a copy is decompressed here,
-  the client still gets the upstream's bytes.
+  the client still gets the upstream's bytes. Each inflate step is bounded
+  (``max_length``), so a bomb (59 KiB inflating to 60 MiB) never inflates past the cap.
 
-Anything it cannot read (not JSON, an odd shape, brotli, a body past the size cap) gives
-"unknown", never an error.
+Anything it cannot read (not JSON, an odd shape, brotli, a body past the size cap, a count
+above ``MAX_TOKENS``) gives "unknown", never an error: an upstream's bytes must never
+make ``finish`` fail (a 401-digit count once overflowed the metrics there).
 
 Counts follow the providers' billing: ``input`` is every input token billed, cached ones
 included (OpenAI ``prompt_tokens``; Anthropic ``input_tokens`` + cache creation + cache
@@ -38,6 +40,8 @@ USAGE_ROUTES = frozenset(
 )
 MAX_JSON_BODY = 4 * 1024 * 1024  # larger bodies are not kept for parsing
 MAX_PENDING_EVENT = 1024 * 1024  # an SSE event larger than this is skipped
+INFLATE_STEP = 64 * 1024  # inflated bytes per step: an SSE stream is inflated piecewise
+MAX_TOKENS = 10**12  # larger counts are unreadable, not billed
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n")
 
 
@@ -73,7 +77,10 @@ def counts(usage: Any) -> Usage | None:
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A token count: a positive int up to ``MAX_TOKENS``, else 0 (nothing readable)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_TOKENS:
+        return value
+    return 0
 
 
 class UsageReader:
@@ -90,27 +97,41 @@ class UsageReader:
     def feed(self, chunk: bytes) -> None:
         if self._unreadable or not chunk:
             return
-        if self._inflate is not None:
+        if self._inflate is None:
+            self._take(chunk)
+            return
+        while True:  # bounded steps: a bomb never inflates whole
             try:
-                chunk = self._inflate.decompress(chunk)
+                piece = self._inflate.decompress(chunk, INFLATE_STEP)
             except zlib.error:
                 self._unreadable = True
                 return
+            chunk = self._inflate.unconsumed_tail
+            self._take(piece)
+            # a full step may leave output inside zlib even when the input is used up
+            if self._unreadable or (not chunk and len(piece) < INFLATE_STEP):
+                return
+
+    def _take(self, chunk: bytes) -> None:
+        """Keep (or skip) one piece of the plain body."""
+        if not chunk:
+            return
         whole_events = self._sse and not self._pending and chunk.endswith(_BOUNDARIES)
         if whole_events and b"usage" not in chunk:  # nothing to parse, nothing to keep
+            return
+        if not self._sse and len(self._pending) + len(chunk) > MAX_JSON_BODY:
+            self._unreadable = True  # past the cap: stop keeping (and inflating) at once
+            self._pending = bytearray()
             return
         self._pending += chunk
         if self._sse:
             self._events()
-        elif len(self._pending) > MAX_JSON_BODY:
-            self._unreadable = True
-            self._pending.clear()
 
     def result(self) -> Usage | None:
         """The usage read, or None when it is unknown (never raises)."""
         if not self._sse and not self._unreadable and self._pending:
             try:
-                document = json.loads(bytes(self._pending))
+                document = json.loads(self._pending)  # no copy
             except (ValueError, RecursionError):
                 return None
             self._pending.clear()

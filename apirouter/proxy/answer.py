@@ -20,7 +20,8 @@ from apirouter.observe.report import Reporter
 from apirouter.observe.usage import USAGE_ROUTES, UsageReader
 from apirouter.proxy.relay import Relay
 from apirouter.proxy.response import Response
-from apirouter.upstream.client import iter_raw
+from apirouter.upstream.client import CLIENT_LEFT, iter_raw
+from apirouter.upstream.hangup import Hangup
 
 SSE_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]  # no proxy buffering
 WHOLE_ANSWER_BYTES = 64 * 1024  # answers of known length up to this are read whole
@@ -34,7 +35,11 @@ class Answers:
         self.clock = clock
 
     def respond(
-        self, ctx: RequestContext, endpoint: Endpoint, upstream_response: httpx.Response
+        self,
+        ctx: RequestContext,
+        endpoint: Endpoint,
+        upstream_response: httpx.Response,
+        gone: Hangup | None = None,
     ) -> Response:
         """Relay the upstream's answer: a small answer of known length is read whole (one
         write, and its outcome recorded before it goes out); SSE is relayed as it arrives
@@ -53,7 +58,7 @@ class Answers:
             ours = {name.lower() for name, _ in SSE_HEADERS}  # replace, never duplicate
             relayed = [h for h in relayed if h[0].lower() not in ours] + SSE_HEADERS
         elif _small(upstream_response.headers.get("content-length")):
-            return self._whole(ctx, endpoint, upstream_response, status, relayed, error)
+            return self._whole(ctx, endpoint, upstream_response, status, relayed, error, gone)
         elif "content-length" in upstream_response.headers:
             relayed.append(("Content-Length", upstream_response.headers["content-length"]))
         timing = _Timing(self.clock, ctx)
@@ -64,6 +69,7 @@ class Answers:
             heartbeat_seconds=endpoint.stream_config.heartbeat_interval_secs if sse else None,
             observer=usage,
             on_first_byte=timing.first_byte,
+            gone=gone,
         )
         return Response(status, relayed, error=error, relay=relay)
 
@@ -75,6 +81,7 @@ class Answers:
         status: int,
         relayed: list[tuple[str, str]],
         error: errors.RouterError | None,
+        gone: Hangup | None,
     ) -> Response:
         timing = _Timing(self.clock, ctx)
         usage = _usage_reader(
@@ -86,6 +93,10 @@ class Answers:
                 if not chunks:
                     timing.first_byte()
                 chunks.append(chunk)
+        except errors.UpstreamFailure:
+            if gone is not None and gone.reason is not None:  # we shut it: the client left
+                raise errors.client_gone(gone.reason, CLIENT_LEFT) from None
+            raise
         finally:
             upstream_response.close()
         data = b"".join(chunks)

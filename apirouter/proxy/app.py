@@ -7,7 +7,7 @@ finish before they are returned; streamed ones finish when the server closes the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -49,6 +49,7 @@ ANTHROPIC_ROUTES = frozenset(
     {"/v1/messages", "/v1/messages/count_tokens", "/v1/messages/*", "/v1/complete/*"}
 )
 MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
+ADMIN_ENVIRON_KEY = "apirouter.admin"  # set by the admin listener on its requests
 
 
 class App:
@@ -103,7 +104,9 @@ class App:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         config = self.store.current
         path = environ.get("PATH_INFO") or "/"
-        match, refused = (None, None) if path in _LOCAL_ROUTES else _route(config, environ)
+        match, refused = (
+            (None, None) if path in _LOCAL_ROUTES else _route(config, routes.raw_path(environ))
+        )
         route = match.endpoint.local_path if match else path
         request = inbound.parse(
             environ, route=route if (match or path in _LOCAL_ROUTES) else "other"
@@ -149,6 +152,7 @@ class App:
     ) -> Response:
         if len(request.path) + len(request.query) > MAX_URL_BYTES:
             raise errors.URITooLong(f"The request target exceeds {MAX_URL_BYTES} bytes.")
+        routes.check_target(request.environ)
         if request.headers.get("upgrade", "").lower() == "websocket":
             raise _websocket(request.path)
         if match is None and request.route == "other":
@@ -160,6 +164,8 @@ class App:
                 list(allowed),
             )
         if match is None:
+            if request.route == "/metrics" and not self._serves_metrics(request.environ):
+                raise _not_found(request.path)
             return self._local(request.route)
         routes.check_segments(match.params)
         alias = match.params.get("model")
@@ -177,6 +183,16 @@ class App:
         return self.capacity.admit(ctx.key_label, lambda: self._proxy(request, ctx, config, match))
 
     # --- local endpoints -------------------------------------------------------------------
+
+    def _serves_metrics(self, environ: Mapping[str, Any]) -> bool:
+        """/metrics is served on the admin port, and on the main port unless
+        ``APIROUTER_METRICS_ON_MAIN_PORT=0`` moved it to the admin port alone."""
+        settings = self.settings
+        return (
+            settings.metrics_on_main_port
+            or settings.admin_port is None
+            or bool(environ.get(ADMIN_ENVIRON_KEY))
+        )
 
     def _local(self, route: str) -> Response:
         if route == "/metrics":
@@ -213,7 +229,7 @@ class App:
     ) -> Response:
         sent = self._forward(request, ctx, config, match)
         endpoint = routed_endpoint(sent.target.provider, match)
-        response = self.answers.respond(ctx, endpoint, sent.response)
+        response = self.answers.respond(ctx, endpoint, sent.response, request.hangup)
         response.headers.append(("X-Apirouter-Upstream", sent.target.label))
         return response
 
@@ -237,6 +253,22 @@ class App:
             own_key=self.admission.forwards_own_key(request.key),
         )
 
+    def body_limit(self, target: str) -> int:
+        """The largest body the route of a request target (its raw URI) accepts: the
+        embedded server checks it from the request line, before reading the body."""
+        match = self.store.current.routes.match(routes.target_path(target))
+        limit = match.endpoint.max_body_bytes if match is not None else None
+        return limit or self.settings.max_body_bytes
+
+    def client_stalled(self, target: str) -> None:
+        """The server disconnected a client that took no byte for the write timeout. It
+        counts every stall here, by its last request's target: the stall may come after
+        that request's ``finish`` (an answer queued whole), so ``finish`` does not."""
+        path = routes.target_path(target)
+        match, _ = (None, None) if path in _LOCAL_ROUTES else _route(self.store.current, path)
+        route = match.endpoint.local_path if match else path if path in _LOCAL_ROUTES else "other"
+        self.metrics.client_disconnects.labels(route, errors.ClientStalled.error_type).inc()
+
     def close(self) -> None:
         self.upstream.close()
         self.reporter.state.close()
@@ -246,11 +278,11 @@ class App:
 
 
 def _route(
-    config: ProviderConfig, environ: dict[str, Any]
+    config: ProviderConfig, raw_path: str
 ) -> tuple[routes.Match[Endpoint] | None, errors.RouterError | None]:
     """The request's route (a template, else pass-through), or why its path is refused."""
     try:
-        return config.match(routes.raw_path(environ)), None
+        return config.match(raw_path), None
     except errors.BadRequest as refused:
         return None, refused
 

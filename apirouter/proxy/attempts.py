@@ -196,9 +196,11 @@ class Attempts:
         )
         if body.length is not None:  # a streamed body keeps a fixed length upstream
             headers["content-length"] = str(body.length)
+        # Sentry names the upstream host and the route's template, never a concrete id
+        # (a file id, a model name a client made up) nor the query
+        ctx.upstream_url = target.upstream.base_url + endpoint.upstream_path
         if ctx.trace is not None:  # a span per attempt; trace headers for listed hosts
-            ctx.trace.attempt_started(target, plan.request.method, url, headers)
-        ctx.upstream_url = url.partition("?")[0]
+            ctx.trace.attempt_started(target, plan.request.method, ctx.upstream_url, headers)
         ctx.upstream_status = None
         sent_at = self.clock()
         try:
@@ -209,6 +211,7 @@ class Attempts:
                 body.content(),
                 first_byte_timeout=target.provider.retry.first_byte_timeout_secs,
                 configured_url=not plan.match.params and not plan.request.query,
+                gone=plan.request.hangup,
             )
         finally:
             ctx.upstream_seconds = self.clock() - sent_at

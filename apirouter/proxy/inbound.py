@@ -22,6 +22,8 @@ from typing import Any
 
 from apirouter import errors
 from apirouter.config.provider import JSON_BODY, MULTIPART_BODY, Endpoint
+from apirouter.upstream.hangup import ENVIRON_KEY as HANGUP_KEY
+from apirouter.upstream.hangup import Hangup
 
 JSON = "application/json"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -88,6 +90,12 @@ class Inbound:
     environ: Mapping[str, Any]
     _raw: bytes | None = field(default=None, repr=False)
     _streamed: Body | None = field(default=None, repr=False)
+
+    @property
+    def hangup(self) -> Hangup | None:
+        """How the server tells this request its client is gone (embedded server only)."""
+        hangup: Hangup | None = self.environ.get(HANGUP_KEY)
+        return hangup
 
     def read_body(self, endpoint: Endpoint, mapping: Mapping[str, str], limit: int) -> Body:
         """Read and validate the body this endpoint expects, mapping its ``model``.

@@ -12,8 +12,9 @@ relay then writes an SSE comment through the server's ``write`` callable so prox
 clients keep the connection open. It does so only at an event boundary, so a heartbeat can
 never split an event; a failed heartbeat write means the client is gone.
 
-A body the upstream cuts mid-way is an upstream failure (``upstream_stream_cut``), and the
-client must be able to tell: like nginx, we end the response *without* its terminating
+A body the upstream cuts mid-way is an upstream failure (``upstream_stream_cut``; one that
+goes silent past the read timeout is ``upstream_timeout``), and the client must be able to
+tell: like nginx, we end the response *without* its terminating
 chunk (or short of its Content-Length) by letting ``StreamCut`` escape the iterator, so
 the server drops the connection instead of finishing the response cleanly.
 
@@ -31,13 +32,15 @@ from typing import Any, Protocol
 import httpx
 
 from apirouter.errors import (
-    ClientDisconnected,
     InternalError,
     RouterError,
     UpstreamFailure,
     UpstreamStreamCut,
+    UpstreamTimeout,
+    client_gone,
 )
 from apirouter.upstream.client import iter_raw, watch_idle
+from apirouter.upstream.hangup import Hangup
 
 HEARTBEAT = b": heartbeat\n\n"
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
@@ -84,12 +87,14 @@ class Relay:
         heartbeat_seconds: float | None = None,
         observer: Observer | None = None,
         on_first_byte: Callable[[], None] = lambda: None,
+        gone: Hangup | None = None,
     ) -> None:
         self._response = response
         self._heartbeat = heartbeat_seconds  # None: not SSE, no heartbeats
         self._on_close = on_close
         self._observer = observer
         self._on_first_byte = on_first_byte
+        self._gone = gone  # the server's word on why the client left, when it saw it
         self._write: Callable[[bytes], Any] | None = None
         self._slot: Releasable | None = None
         self._last = b"\n\n"  # ends like the bytes relayed; nothing sent yet is a boundary
@@ -128,6 +133,8 @@ class Relay:
         except _ClientGone:
             return
         except UpstreamFailure as failure:
+            if self._client_left():  # the server shut the upstream: the client is gone
+                return
             self._error, self._done = _cut(failure), True
             if not started:
                 yield b""  # the status line and headers go out first: then the cut shows
@@ -171,11 +178,21 @@ class Relay:
                 self._slot.release()
             error = self._error
             if error is None and not self._done:
-                error = ClientDisconnected("The client closed the connection during the response.")
+                reason = self._gone.reason if self._gone is not None else None
+                error = client_gone(reason, "The client closed the connection during the response.")
             self._on_close(error)
 
+    def _client_left(self) -> bool:
+        return self._gone is not None and self._gone.reason is not None
 
-def _cut(failure: UpstreamFailure) -> UpstreamStreamCut:
+
+def _cut(failure: UpstreamFailure) -> UpstreamFailure:
+    """What ended the body mid-way: silence past the read timeout stays a timeout (the
+    upstream is slow or hung, not cutting), anything else is a cut."""
+    if isinstance(failure, UpstreamTimeout):
+        timeout = UpstreamTimeout(f"The upstream went silent mid-way: {failure.message}")
+        timeout.__cause__ = failure
+        return timeout
     cut = UpstreamStreamCut(f"The upstream cut the response mid-way: {failure.message}")
     cut.__cause__ = failure
     return cut

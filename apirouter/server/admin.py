@@ -21,13 +21,14 @@ from typing import Any
 from waitress import wasyncore
 
 from apirouter.errors import NotFound
-from apirouter.proxy.app import App
+from apirouter.proxy.app import ADMIN_ENVIRON_KEY, App
 from apirouter.server.channel import LOOP_SECONDS, build_server, close_server, listen_urls
 from apirouter.server.waitress_internals import socket_map
 
 ADMIN_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
 ADMIN_THREADS = 2
 ADMIN_CONNECTIONS = 256
+ADMIN_BODY_BYTES = 64 * 1024  # probes and scrapes send none: a body never spools more
 
 
 def admin_app(app: App) -> Callable[..., Iterable[bytes]]:
@@ -35,6 +36,7 @@ def admin_app(app: App) -> Callable[..., Iterable[bytes]]:
 
     def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         if environ.get("PATH_INFO") in ADMIN_PATHS:
+            environ[ADMIN_ENVIRON_KEY] = True
             return app(environ, start_response)  # type: ignore[return-value]
         error = NotFound("The admin port serves /health, /health/ready and /metrics only.")
         start_response("404 Not Found", [("Content-Type", "application/json")])
@@ -55,6 +57,10 @@ class AdminListener:
             ADMIN_CONNECTIONS,
             app.settings.header_timeout,
             lambda: app.metrics.requests_refused.labels("header_timeout").inc(),
+            body_limit=lambda target: ADMIN_BODY_BYTES,
+            write_timeout=app.settings.write_timeout,
+            on_stalled=app.client_stalled,
+            max_request_body_size=ADMIN_BODY_BYTES + 1,
         )
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="apirouter-admin", daemon=True)

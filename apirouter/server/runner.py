@@ -51,12 +51,6 @@ CONFIG_POLL_SECONDS = 1.0
 SPARE_THREADS = 16
 CONNECTION_HEADROOM = 1000
 RESERVED_FILES = 64  # log files, the config, the admin listener, DNS, Sentry...
-# Unsent response bytes held per connection before the app's next write blocks (waitress
-# default: 16 MB). A download relayed as it arrives to a client reading slower than the
-# upstream sends would otherwise park 16 MB per connection (measured: +24 to +34 MB peak
-# RSS serving 200 MB over loopback, against +1 MB at 128 to 512 KB, at the same speed).
-# Below waitress's outbuf_overflow (1 MB) the buffer never spills to a temporary file.
-OUTBUF_HIGH_WATERMARK = 256 * 1024
 # --- sizing ----------------------------------------------------------------------------------
 
 
@@ -122,7 +116,8 @@ def make_server(app: App, host: str, port: int, threads: int | None = None) -> A
     """The app's server, sized for its capacity, plus its admin listener if configured.
 
     The admin listener (``server.admin``) is bound here too, so a port in use fails
-    start-up at once. Its body limit is a backstop above the app's own.
+    start-up at once. Each request's body is limited by its route (``App.body_limit``)
+    before a byte of it is read; waitress's own limit is only a backstop above them.
     """
     settings = app.settings
     sizing = size_for(settings.max_concurrent, threads, raise_open_files_limit())
@@ -134,8 +129,10 @@ def make_server(app: App, host: str, port: int, threads: int | None = None) -> A
         sizing.connection_limit,
         settings.header_timeout,
         lambda: app.metrics.requests_refused.labels("header_timeout").inc(),
+        body_limit=app.body_limit,
+        write_timeout=settings.write_timeout,
+        on_stalled=app.client_stalled,
         max_request_body_size=body_backstop(settings.max_body_bytes, app.store.current),
-        outbuf_high_watermark=OUTBUF_HIGH_WATERMARK,
     )
     server.sizing = sizing
     server.admin = None

@@ -34,7 +34,7 @@ import httpcore
 import httpx
 
 from apirouter import errors
-from apirouter.upstream import chunked
+from apirouter.upstream import chunked, hangup
 from apirouter.upstream.httpcore_internals import pool_ssl_context
 from apirouter.upstream.httpx_internals import replace_transport_pool, transport_pool
 from apirouter.upstream.pool import LeanPool
@@ -44,6 +44,7 @@ logging.getLogger("httpcore").setLevel(logging.WARNING)
 READ_BYTES = 64 * 1024  # per read of a body relayed as it arrives (httpcore's own size)
 _UNSET = -1.0  # a socket timeout not yet set by us
 HEAD_HELD_BYTES = 64 * 1024  # a request head, and a body piece it is sent with, below this
+CLIENT_LEFT = "The client closed the connection while the upstream was answering."
 
 
 class Upstream:
@@ -73,6 +74,7 @@ class Upstream:
         body: bytes | Iterable[bytes],
         first_byte_timeout: float | None = None,
         configured_url: bool = False,
+        gone: hangup.Hangup | None = None,
     ) -> httpx.Response:
         """Send a request and return the response with its body not yet read.
 
@@ -85,6 +87,10 @@ class Upstream:
         A body given as pieces is sent as they come (never joined): with a
         ``content-length`` in ``headers`` it goes with that fixed length, else chunked.
         An exception raised by the pieces aborts the request and propagates unchanged.
+
+        ``gone``: the client's hang-up, which may shut the upstream socket from another
+        thread; a failure after it is the client's (``ClientDisconnected``), not the
+        upstream's.
         """
         timeout = self.client.timeout
         if first_byte_timeout is not None:
@@ -105,6 +111,8 @@ class Upstream:
             )
             response = self.client.send(request, stream=True)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
+            if gone is not None and gone.reason is not None:
+                raise errors.client_gone(gone.reason, CLIENT_LEFT) from exc
             raise translate_httpx_error(exc, host) from exc
         if first_byte_timeout is not None:  # httpcore reads this dict when the body starts
             request.extensions["timeout"]["read"] = self.client.timeout.read
@@ -287,6 +295,11 @@ class WatchedStream(httpcore.NetworkStream):
         self._next_write_is_head = True  # at the start, and after every read
         self._head: bytes | None = None  # a request head held back for its body
         self._head_timeout: float | None = None
+        self.owner: hangup.Hangup | None = None  # the request that sent on it last
+
+    def raw_socket(self) -> Any:
+        """The socket under this stream (TLS or not), for a hang-up to shut down."""
+        return self._inner.get_extra_info("socket")
 
     def watch(self, idle: tuple[float, Callable[[], None]] | None) -> None:
         self.idle = idle
@@ -325,6 +338,7 @@ class WatchedStream(httpcore.NetworkStream):
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if self._next_write_is_head:
             self._next_write_is_head = False
+            hangup.claim(self)  # a new request: the one being sent on this thread
             if len(buffer) < HEAD_HELD_BYTES:
                 self._head, self._head_timeout = buffer, timeout
                 return

@@ -25,6 +25,7 @@ from typing import Any
 
 import httpcore
 
+from apirouter.upstream import hangup
 from apirouter.upstream.httpcore_internals import PoolBase
 
 SWEEP_SECONDS = 1.0
@@ -58,7 +59,9 @@ class LeanPool(PoolBase):
         self._next_sweep = 0.0
 
     def _released(self, request: Any) -> None:
-        """A request ended (under the pool's lock): its connection may be reused."""
+        """A request ended (under the pool's lock): its connection may be reused, so the
+        request's hang-up must no longer shut it."""
+        hangup.release_current()
         connection = request.connection
         self._reusable[_key(request.request.url.origin)].append(connection)
         if connection.is_available():

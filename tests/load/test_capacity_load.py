@@ -72,7 +72,9 @@ class Served:
 
 
 @contextmanager
-def serve(upstream_port: int, tmp_path: Path, *options: str) -> Iterator[Served]:
+def serve(
+    upstream_port: int, tmp_path: Path, *options: str, env: dict[str, str] | None = None
+) -> Iterator[Served]:
     """`apirouter serve` on free ports (main and admin), read from its banner."""
     config = tmp_path / "load.json"
     config.write_text(
@@ -80,8 +82,10 @@ def serve(upstream_port: int, tmp_path: Path, *options: str) -> Iterator[Served]
     )
     command = [sys.executable, "-m", "apirouter", "serve", "--config", str(config)]
     command += ["--port", "0", "--admin-port", "0", *options]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("APIROUTER_", "SENTRY_"))}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("APIROUTER_", "SENTRY_"))}
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**clean, **(env or {})}
+    )
     try:
         banner = "".join(process.stderr.readline() for _ in range(6))
         ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", banner)]
@@ -265,3 +269,87 @@ def test_after_sigterm_ready_is_503_while_requests_in_flight_finish(upstream_por
         assert served.process.wait(30) == 0
     assert ready[0] and ready[1] > 0  # 503 while streams were still in flight
     assert all(s.status == 200 and s.events == 20 for s in held)
+
+
+# --- clients that never read -----------------------------------------------------------------
+
+
+def non_reader(port: int, request: bytes) -> socket.socket:
+    """A connection that sends ``request`` and never reads (a small receive buffer, so
+    the router's answers back up at once)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def admin_health(served: Served) -> dict:
+    return json.loads(get(served.admin_port, "/health").body)
+
+
+def test_stalled_and_pipelining_clients_cannot_hold_the_router(upstream_port, tmp_path):
+    """100 connections per port pipeline /metrics (main) or /health (admin) and never
+    read; 20 clients stop reading 32 MiB answers. Probes and real requests are still answered, a stream silent past the
+    write timeout is not cut, and once the write timeout has passed every slot is free."""
+    pipelined = {
+        path: b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path * 2000
+        for path in (b"/metrics", b"/health")
+    }
+    download = b"GET /v1/files/file-%d/content HTTP/1.1\r\nHost: x\r\n\r\n" % (32 << 20)
+
+    with serve(
+        upstream_port,
+        tmp_path,
+        "--max-concurrent",
+        "21",
+        env={"APIROUTER_WRITE_TIMEOUT_SECONDS": "2"},
+    ) as served:
+
+        async def quiet_stream() -> Stream:  # silent for 3 s, past the 2 s write timeout
+            return await request(served.port, "POST", CHAT, stream_body(3, 3.0))
+
+        async def run() -> tuple[Stream, list[Stream], list[Stream]]:
+            stream = asyncio.create_task(quiet_stream())
+            await asyncio.to_thread(
+                wait_until, lambda: admin_health(served)["capacity"]["streams"] == 1, 20
+            )
+            sockets = [non_reader(served.port, download) for _ in range(20)]
+            sockets += [non_reader(served.port, pipelined[b"/metrics"]) for _ in range(100)]
+            sockets += [non_reader(served.admin_port, pipelined[b"/health"]) for _ in range(100)]
+            probes = [
+                await request(port, "GET", "/health") for port in (served.port, served.admin_port)
+            ]
+            real = [await request(served.port, "POST", CHAT, b'{"model": "m"}')]
+            await asyncio.to_thread(  # the write timeout frees every stalled slot
+                wait_until, lambda: admin_health(served)["capacity"]["in_flight"] <= 1, 30
+            )
+            finished = await stream
+            real.append(await request(served.port, "POST", CHAT, b'{"model": "m"}'))
+            for sock in sockets:
+                sock.close()
+            return finished, probes, real
+
+        finished, probes, real = asyncio.run(run())
+        # every non-reader was disconnected: 100 pipelining per port, 20 downloads
+        counts = wait_until(lambda: stalled_counts(served, {"/metrics": 100, "/health": 100}), 30)
+    assert finished.status == 200 and finished.events == 3, finished
+    assert [p.status for p in probes] == [200, 200]
+    first, after = real
+    assert first.status == 200 or (
+        first.status == 503 and json.loads(first.body)["error"]["code"] == "over_capacity"
+    )
+    assert after.status == 200
+    assert counts["/v1/files/{id}/content"] == 20
+
+
+def stalled_counts(served: Served, at_least: dict[str, float]) -> dict[str, float] | None:
+    """``client_stalled`` disconnects by route, once they reach ``at_least``."""
+    metrics = get(served.admin_port, "/metrics").body.decode()
+    found = re.findall(
+        r'apirouter_client_disconnects_total\{reason="client_stalled",route="([^"]+)"\} (\S+)',
+        metrics,
+    )
+    counts = {route: float(value) for route, value in found}
+    return counts if all(counts.get(r, 0) >= n for r, n in at_least.items()) else None
