@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 import sentry_sdk
 import werkzeug
+from waitress import wasyncore
 
 from apirouter import private
 from apirouter.observe import sentry_internals
@@ -70,12 +73,22 @@ def test_the_body_is_reachable_down_to_h11(live_upstream_objects):
 
 
 def test_waitress_private_names_exist():
+    """On a live server, a connection it accepted, and that connection's request parser."""
     server = build_server(lambda e, s: [], "127.0.0.1", 0, 1, 10, 30.0, lambda: None)
+    client = socket.create_connection(("127.0.0.1", server.effective_port))
     try:
-        missing = private.missing("waitress", waitress_internals.PRIVATE_NAMES, [server])
+        client.sendall(b"POST /v1/x HTTP/1.1\r\nHost: h\r\nContent-Length: 9\r\n\r\nhal")
+        sockets = waitress_internals.socket_map(server)
+        deadline = time.monotonic() + 10
+        while not any(getattr(d, "request", None) for d in list(sockets.values())):
+            assert time.monotonic() < deadline, "the server never read the request head"
+            wasyncore.loop(timeout=0.05, map=sockets, use_poll=True, count=1)
+        channel = next(d for d in sockets.values() if getattr(d, "request", None))
+        live = [server, server.task_dispatcher, channel, channel.request]
+        missing = private.missing("waitress", waitress_internals.PRIVATE_NAMES, live)
         assert not missing, "\n".join(missing)
-        assert waitress_internals.socket_map(server), "the server's socket map is empty"
     finally:
+        client.close()
         close_server(server)
 
 

@@ -1,8 +1,10 @@
 """waitress's private names, reached from here only (see ``apirouter.private``).
 
 waitress's public API is ``serve``/``create_server`` and ``Adjustments``; the router
-subclasses its channel, task, server and dispatcher (``channel.py``, ``protocol.py``),
-whose attributes are undocumented but not underscored. Two names are private:
+subclasses its channel, parser, task, server and dispatcher (``channel.py``,
+``protocol.py``), whose attributes are undocumented but not underscored: they are listed
+below too, so that an upgrade that renames one fails the suite rather than a request.
+Two names are private:
 
 - a server's ``_map``: the socket map its main loop polls. The router runs that loop
   itself (``wasyncore.loop``), to drain gracefully and to run the admin listener on a
@@ -18,14 +20,81 @@ from __future__ import annotations
 from typing import Any
 
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer
+from waitress.parser import HTTPRequestParser
+from waitress.server import BaseWSGIServer, TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher, WSGITask
 
 from apirouter.private import PrivateName
 
+_UNDOCUMENTED: dict[type, tuple[str, ...]] = {
+    # the connection: its parser and task classes, requests, output buffers and socket
+    HTTPChannel: (
+        "task_class",
+        "parser_class",
+        "request",
+        "last_activity",
+        "close_when_flushed",
+        "total_outbufs_len",
+        "connected",
+        "write_soon",
+        "received",
+        "send",
+        "handle_close",
+        "writable",
+    ),
+    # the request parser: how much arrived, the body receiver, the 100-continue flag
+    HTTPRequestParser: (
+        "header_bytes_received",
+        "body_rcv",
+        "completed",
+        "expect_continue",
+        "content_length",
+        "chunked",
+        "connection_close",
+        "error",
+        "parse_header",
+        "received",
+        "close",
+    ),
+    # the task: its response head and body writes
+    WSGITask: (
+        "close_on_finish",
+        "wrote_header",
+        "content_bytes_written",
+        "chunked_response",
+        "complete",
+        "has_body",
+        "content_length",
+        "write",
+        "build_response_header",
+        "service",
+        "get_environment",
+    ),
+    # the server: accepting, the maintenance pass, the channel class
+    TcpWSGIServer: ("channel_class", "maintenance", "handle_accept", "pull_trigger", "accepting"),
+    ThreadedTaskDispatcher: ("set_thread_count", "shutdown"),
+}
+# set by __init__: checked on live objects
+_ON_INSTANCES: dict[type, tuple[str, ...]] = {
+    HTTPChannel: ("requests", "outbufs", "outbuf_lock", "adj", "server"),
+    HTTPRequestParser: ("headers",),
+    TcpWSGIServer: ("active_channels", "adj", "effective_host", "effective_port"),
+    ThreadedTaskDispatcher: ("queue_cv", "lock"),
+}
 PRIVATE_NAMES = (
     PrivateName(BaseWSGIServer, "_map", "the socket map its main loop polls", on_instances=True),
     PrivateName(
         HTTPChannel, "_flush_outbufs_below_high_watermark", "a worker's wait on a slow reader"
+    ),
+    *(
+        PrivateName(owner, name, "undocumented, relied on by channel.py and protocol.py")
+        for owner, names in _UNDOCUMENTED.items()
+        for name in names
+    ),
+    *(
+        PrivateName(owner, name, "undocumented, set by __init__", on_instances=True)
+        for owner, names in _ON_INSTANCES.items()
+        for name in names
     ),
 )
 

@@ -38,18 +38,18 @@ class Claimable(Protocol):
 class Hangup:
     """One request's hang-up: set by the server, read by the proxy, acted on here."""
 
-    __slots__ = ("_connection", "reason")
+    __slots__ = ("_claimed", "reason")
 
     def __init__(self) -> None:
         self.reason: str | None = None  # "client_disconnected" or "client_stalled"
-        self._connection: Claimable | None = None
+        self._claimed: Claimable | None = None
 
     def fire(self, reason: str) -> None:
         """The client is gone (main loop thread): end the upstream exchange at once."""
         with _owners:
             if self.reason is None:
                 self.reason = reason
-            connection = self._connection
+            connection = self._claimed
             if connection is not None and connection.owner is self:
                 shut(connection.raw_socket())
 
@@ -57,7 +57,7 @@ class Hangup:
         """The request is done with its connection (its response is closed, and the
         connection goes back to the pool): a later hang-up must not shut it."""
         with _owners:
-            connection, self._connection = self._connection, None
+            connection, self._claimed = self._claimed, None
             if connection is not None and connection.owner is self:
                 connection.owner = None
 
@@ -93,6 +93,6 @@ def claim(connection: Claimable) -> None:
     with _owners:
         connection.owner = hangup
         if hangup is not None:
-            hangup._connection = connection
+            hangup._claimed = connection
             if hangup.reason is not None:  # gone before the request even went out
                 shut(connection.raw_socket())
