@@ -16,8 +16,6 @@ from promql import ROOT
 
 from apirouter.config.settings import VARIABLES, Settings
 
-# Added by the server-hardening work (#21); tolerated until it has landed.
-NOT_YET_KNOWN = frozenset({"APIROUTER_METRICS_ON_MAIN_PORT"})
 PLACEHOLDERS = {"", "REPLACE_ME"}
 
 
@@ -107,12 +105,12 @@ def test_memory_follows_the_readme_sizing() -> None:
 
 
 def test_environment_is_valid_and_known() -> None:
-    known = {v.name for v in VARIABLES} | NOT_YET_KNOWN
+    known = {v.name for v in VARIABLES}
     variables = env(router_container())
     assert set(variables) - known == set()
     secret = find("Secret", "apirouter")["stringData"]
     assert set(secret) - known == set()
-    Settings.from_env({k: v for k, v in variables.items() if k not in NOT_YET_KNOWN})
+    Settings.from_env(variables)
 
 
 def test_the_secret_is_a_template() -> None:
