@@ -19,7 +19,7 @@ import httpx
 import pytest
 from clocks import wait_until
 from harness import running
-from upstream_fakes import chat_chunk, sse_response
+from upstream_fakes import LoopbackListener, chat_chunk, sse_response
 from werkzeug import Request, Response
 
 from apirouter.server import channel
@@ -193,28 +193,18 @@ def test_the_admin_port_keeps_answering_probes_past_pipelining_non_readers(make_
 # --- hang-ups --------------------------------------------------------------------------------
 
 
-class SlowUpstream:
+class SlowUpstream(LoopbackListener):
     """A raw-socket upstream that reads a request and answers only when told; it notes when
     the router closes a connection it is holding."""
 
     def __init__(self, first: bytes = b"") -> None:
         self.first = first  # sent at once (the start of a stream), then silence
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1"
         self.holding = threading.Semaphore(0)
         self.closed = threading.Event()
         self.answer = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.listen()}/v1"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
-
-    def _hold(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.recv(65536)
             conn.sendall(self.first)

@@ -109,7 +109,32 @@ def anthropic_stream() -> Iterator[bytes]:
         yield f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-class RawUpstream:
+class LoopbackListener:
+    """A raw-socket server on loopback: each connection it accepts is served (``_serve``)
+    on a thread of its own; it counts them. Subclasses set their fields, then call
+    ``listen``."""
+
+    connections = 0
+
+    def listen(self) -> int:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._accept, daemon=True).start()
+        return int(self.listener.getsockname()[1])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class RawUpstream(LoopbackListener):
     """A loopback upstream answering every request on a connection with fixed bytes;
     counts the connections it accepted. ``hang_up``: close each connection after its
     first answer, without saying so (``closed`` is set once it has)."""
@@ -121,21 +146,8 @@ class RawUpstream:
         self.hang_up = hang_up
         self.tls = tls
         self.closed = threading.Event()
-        self.connections = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
         scheme = "https" if tls else "http"
-        port = self.listener.getsockname()[1]
-        self.url = f"{scheme}://127.0.0.1:{port}/v1/chat/completions"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        self.url = f"{scheme}://127.0.0.1:{self.listen()}/v1/chat/completions"
 
     def _serve(self, conn: socket.socket) -> None:
         if self.tls is not None:
