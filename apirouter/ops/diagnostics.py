@@ -417,9 +417,7 @@ def _lint_keyless_upstreams(config: ProviderConfig, settings: Settings | None) -
     Only the configured provider's upstreams can lack one: fallbacks must name apiKeyEnv."""
     if settings is None or not settings.client_keys or settings.default_api_key:
         return []
-    if any(name.lower() in KEY_HEADERS and value.strip() for name, value in config.headers.items()):
-        return []
-    keyless = [u.name for u in config.upstreams if u.api_key_env is None]
+    keyless = [u.name for u in config.upstreams if key_source(config, u, False) is None]
     if not keyless:
         return []
     return [
