@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
+from typing import Self
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -88,6 +91,32 @@ class SentryCollector(Collector):
 def multiprocess_dir() -> str | None:
     """The directory of multiprocess mode (read by prometheus_client at import, too)."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class KnownChildren(MetricWrapperBase):
+    """A labelled metric whose ``labels(...)`` answers from a dict after the first call.
+
+    prometheus_client's ``labels`` checks, converts and locks on every call: seven calls a
+    request were a tenth of the router's own bookkeeping per plain request. Label values
+    are bounded (see the module docstring), so the dict is too; children are never removed.
+    """
+
+    def labels(self, *labelvalues: object, **labelkwargs: object) -> Self:
+        if labelkwargs:
+            return super().labels(*labelvalues, **labelkwargs)
+        known: dict[tuple[object, ...], Self] = self.__dict__.setdefault("known_children", {})
+        child = known.get(labelvalues)
+        if child is None:
+            child = known[labelvalues] = super().labels(*labelvalues)
+        return child
+
+
+class Counter(KnownChildren, prometheus_client.Counter):
+    pass
+
+
+class Histogram(KnownChildren, prometheus_client.Histogram):
+    pass
 
 
 class SampledGauge(Gauge):
