@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -43,10 +43,12 @@ class Target:
     upstream: UpstreamSpec
     fallback: bool = False
 
-    @property
-    def key(self) -> str:
-        """``provider/upstream``: the failure window and breaker of this upstream."""
-        return f"{self.provider.name}/{self.upstream.name}"
+    # ``provider/upstream``: the failure window and breaker of this upstream (read about
+    # ten times a request, so computed once)
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.provider.name}/{self.upstream.name}")
 
     @property
     def label(self) -> str:  # X-Apirouter-Upstream
