@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,7 +182,7 @@ def request_id(supplied: str | None) -> str:
     """The client's request id when it is sane (it goes into logs and headers), else ours."""
     if supplied and _SANE_REQUEST_ID.match(supplied):
         return supplied
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as uuid4().hex, without building a UUID
 
 
 def read_limited(environ: Mapping[str, Any], limit: int) -> bytes:
