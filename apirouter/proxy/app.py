@@ -49,6 +49,7 @@ ANTHROPIC_ROUTES = frozenset(
     {"/v1/messages", "/v1/messages/count_tokens", "/v1/messages/*", "/v1/complete/*"}
 )
 MAX_URL_BYTES = 16 * 1024  # longer request targets get 414, as nginx's large buffers do
+KNOWN_TARGETS = 1024  # request targets whose body limit is remembered (see App.body_limit)
 ADMIN_ENVIRON_KEY = "apirouter.admin"  # set by the admin listener on its requests
 
 
@@ -98,6 +99,7 @@ class App:
         self.capacity = build_gate(settings, self.metrics)  # proxied requests in flight
         self.admission = Admission(settings, self.limiter)
         self.answers = Answers(self.reporter, clock)
+        self._body_limits: tuple[ProviderConfig | None, dict[str, int]] = (None, {})
 
     # --- WSGI entry point ------------------------------------------------------------------
 
@@ -255,10 +257,23 @@ class App:
 
     def body_limit(self, target: str) -> int:
         """The largest body the route of a request target (its raw URI) accepts: the
-        embedded server checks it from the request line, before reading the body."""
-        match = self.store.current.routes.match(routes.target_path(target))
-        limit = match.endpoint.max_body_bytes if match is not None else None
-        return limit or self.settings.max_body_bytes
+        embedded server checks it from the request line, before reading the body.
+
+        Remembered per target for the current config (a reload starts afresh), up to
+        ``KNOWN_TARGETS``: most requests name a handful of targets, and the app matches
+        the route again anyway once the request is whole."""
+        config = self.store.current
+        known_for, known = self._body_limits
+        if known_for is not config:
+            known = {}
+            self._body_limits = (config, known)
+        limit = known.get(target)
+        if limit is None:
+            match = config.routes.match(routes.target_path(target))
+            limit = (match.endpoint.max_body_bytes if match else 0) or self.settings.max_body_bytes
+            if len(known) < KNOWN_TARGETS:
+                known[target] = limit
+        return limit
 
     def client_stalled(self, target: str) -> None:
         """The server disconnected a client that took no byte for the write timeout. It
