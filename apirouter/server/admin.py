@@ -18,11 +18,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from waitress import wasyncore
-
 from apirouter.errors import NotFound
 from apirouter.proxy.app import ADMIN_ENVIRON_KEY, App
 from apirouter.server.channel import LOOP_SECONDS, build_server, close_server, listen_urls
+from apirouter.server.mainloop import MainLoop
 from apirouter.server.waitress_internals import socket_map
 
 ADMIN_PATHS = frozenset({"/health", "/health/ready", "/metrics"})
@@ -74,9 +73,12 @@ class AdminListener:
         return self
 
     def _loop(self) -> None:
-        loop_map = socket_map(self.server)
-        while not self._stopping.is_set():
-            wasyncore.loop(timeout=LOOP_SECONDS, map=loop_map, use_poll=True, count=1)
+        loop = MainLoop(socket_map(self.server))
+        try:
+            while not self._stopping.is_set():
+                loop.turn(LOOP_SECONDS)
+        finally:
+            loop.close()
 
     def stop(self) -> None:
         self._stopping.set()

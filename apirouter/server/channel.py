@@ -44,6 +44,7 @@ from waitress.adjustments import Adjustments
 from waitress.server import MultiSocketServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
+from apirouter.server.mainloop import READ, WRITE
 from apirouter.server.protocol import BodyLimit, RouterChannel
 from apirouter.server.waitress_internals import socket_map
 from apirouter.upstream import hangup
@@ -127,39 +128,40 @@ class KeepAliveTask(WSGITask):
     channel: GuardedChannel
 
     def write(self, data: bytes) -> None:
-        """waitress's write, made cheap for the common cases: the head goes out with the
-        first piece of the body (one send, and one wake-up of the client, fewer per
-        response), and each relayed SSE event is framed as a chunk in one step.
+        """waitress's write, made cheap for the common cases: each relayed SSE event is
+        framed as a chunk in one step, and the head goes out with the first piece of the
+        body (one send, and one wake-up of the client, fewer per response).
 
         The write that ends an answer of known length (or a head with no body after it)
         never waits for the client to read: the bytes are in memory already, and waiting
         would pin this worker to a client that may never read (see ``GuardedChannel``).
+        ``wait_for_room`` says so to this write alone: every write sets it.
         """
+        channel = self.channel
+        if data and self.wrote_header and self.chunked_response:  # a relayed event
+            channel.wait_for_room = True
+            channel.write_soon(_chunk(data))
+            return
         if data:
             length = self.content_length
-            waits = length is None or self.content_bytes_written + len(data) < length
+            channel.wait_for_room = (
+                length is None or self.content_bytes_written + len(data) < length
+            )
         else:  # a head alone (HEAD, an empty body) ends the answer
-            waits = self.wrote_header
-        self.channel.wait_for_room = waits  # read by this write only: set by every write
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
+            channel.wait_for_room = self.wrote_header
         if data and not self.wrote_header and self.complete:
             head = self.build_response_header()
             self.wrote_header = True
             if self.chunked_response:  # implies has_body
-                self.channel.write_soon(head + _chunk(data))
+                channel.write_soon(head + _chunk(data))
                 return
             length = self.content_length
             if self.has_body and length is not None and len(data) <= length:
                 self.content_bytes_written += len(data)
-                self.channel.write_soon(head + data)
+                channel.write_soon(head + data)
                 return
-            self.channel.write_soon(head)  # and the body as waitress would
-        if self.chunked_response and self.wrote_header and data:
-            self.channel.write_soon(_chunk(data))
-        else:
-            super().write(data)
+            channel.write_soon(head)  # and the body as waitress would
+        super().write(data)
 
     def get_environment(self) -> dict[str, Any]:
         """waitress's environ, plus the ``Hangup`` through which the main loop tells the
@@ -312,6 +314,17 @@ class GuardedChannel(RouterChannel):
 
     def writable(self) -> bool:
         return not self.worker_writing and super().writable()
+
+    def poll_events(self) -> int:
+        """``readable()`` and ``writable()`` as poll events, in one call (the main loop's
+        turn, ``mainloop.MainLoop``). The common case, an open connection with nothing
+        to send and no bytes held, is waitress's two conditions written out; any other
+        asks the two methods."""
+        if self.held is None and not (
+            self.total_outbufs_len or self.will_close or self.close_when_flushed
+        ):
+            return READ if len(self.requests) <= self.adj.channel_request_lookahead else 0
+        return (READ if self.readable() else 0) | (WRITE if self.writable() else 0)
 
     # --- pipelining: at most PIPELINE_DEPTH parsed requests queued -----------------------
 

@@ -44,6 +44,7 @@ from apirouter.server.channel import (
     build_server,
     close_server,
 )
+from apirouter.server.mainloop import MainLoop
 from apirouter.server.waitress_internals import socket_map
 
 log = logging.getLogger("apirouter.server")
@@ -191,19 +192,21 @@ def run(
     if admin is not None:
         admin.start()
     loop_map = socket_map(server)
+    loop = MainLoop(loop_map)
     on_ready()
     try:
         while not stopping.is_set():
-            wasyncore.loop(timeout=LOOP_SECONDS, map=loop_map, use_poll=True, count=1)
+            loop.turn(LOOP_SECONDS)
         _drain(app, stopping)
         log.info("shutting down: no new connections; waiting for requests in flight")
         _stop_listening(loop_map)
         deadline = time.monotonic() + app.settings.shutdown_grace
         while app.reporter.in_flight > 0 and time.monotonic() < deadline:
-            wasyncore.loop(timeout=0.1, map=loop_map, use_poll=True, count=1)
+            loop.turn(0.1)
     finally:
         server.task_dispatcher.shutdown(timeout=1)
         wasyncore.close_all(loop_map)
+        loop.close()
         app.close()
         tracking.flush()
         if admin is not None:

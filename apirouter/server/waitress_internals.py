@@ -9,7 +9,8 @@ Two names are private:
 - a server's ``_map``: the socket map its main loop polls. The router runs that loop
   itself (``wasyncore.loop``), to drain gracefully and to run the admin listener on a
   thread of its own; ``MultiSocketServer`` exposes it as ``map``, a single server only as
-  ``_map``.
+  ``_map``. Its turns (``mainloop.MainLoop``) hand events to waitress's
+  ``wasyncore.readwrite``, and fall back to its ``poll2`` where there is no epoll.
 - ``HTTPChannel._flush_outbufs_below_high_watermark``: where a worker waits for a slow
   reader. ``GuardedChannel`` must know when a worker waits there, because it keeps the
   main loop from polling a socket the worker is writing to.
@@ -40,6 +41,8 @@ _UNDOCUMENTED: dict[type, tuple[str, ...]] = {
         "received",
         "send",
         "handle_close",
+        "will_close",
+        "readable",
         "writable",
     ),
     # the request parser: how much arrived, the body receiver, the 100-continue flag
