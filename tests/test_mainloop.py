@@ -91,3 +91,30 @@ def test_poll_events_say_what_readable_and_writable_say(make_router):
     finally:
         theirs.close()
         channel.close_server(server)
+
+
+def test_requests_on_a_kept_connection_need_no_wake_up_and_a_closing_answer_gets_one(
+    make_router, monkeypatch
+):
+    """A connection that stays open and only to be read after its answer is already
+    watched that way: waking the main loop for it (waitress's habit after every request)
+    is skipped. An answer that closes its connection still wakes the loop, which does the
+    closing."""
+    router = make_router()
+    with running(router.app, threads=2) as (http_server, _):
+        url = channel.listen_urls(http_server)[0]
+        wakes: list[None] = []
+        pull = http_server.trigger.pull_trigger
+        monkeypatch.setattr(http_server.trigger, "pull_trigger", lambda: wakes.append(pull()))
+        with httpx.Client(base_url=url, timeout=10) as kept:
+            assert all(kept.get("/health").status_code == 200 for _ in range(20))
+            assert wakes == []
+        # asked to close, the router closes (the client waits for EOF): the loop is woken
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # until the router closes
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert len(wakes) >= 1

@@ -109,6 +109,7 @@ def unsent_bytes(sock: socket.socket | None) -> int:
 
 
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+_serving = threading.local()  # the connection whose request this worker thread is serving
 
 
 class KeepAliveTask(WSGITask):
@@ -210,6 +211,7 @@ class GuardedChannel(RouterChannel):
     task_class = KeepAliveTask
     worker_writing = False
     wait_for_room = True  # False while a task writes the end of an answer held whole
+    watched = 0  # the poll events the main loop last watched this connection for
     hangup: Hangup | None = None  # the running request's, told when the client is gone
     close_reason = GONE
     last_target = ""  # the last request's target, to name the route of a stall
@@ -316,15 +318,43 @@ class GuardedChannel(RouterChannel):
         return not self.worker_writing and super().writable()
 
     def poll_events(self) -> int:
-        """``readable()`` and ``writable()`` as poll events, in one call (the main loop's
-        turn, ``mainloop.MainLoop``). The common case, an open connection with nothing
-        to send and no bytes held, is waitress's two conditions written out; any other
-        asks the two methods."""
+        """What the main loop is to watch this connection for (``mainloop.MainLoop``),
+        remembered as ``watched``: the answer of ``readable()`` and ``writable()``, in one
+        call."""
+        self.watched = events = self.current_events()
+        return events
+
+    def current_events(self) -> int:
+        """``readable()`` and ``writable()`` as poll events. The common case, an open
+        connection with nothing to send and no bytes held, is waitress's two conditions
+        written out; any other asks the two methods."""
         if self.held is None and not (
             self.total_outbufs_len or self.will_close or self.close_when_flushed
         ):
             return READ if len(self.requests) <= self.adj.channel_request_lookahead else 0
         return (READ if self.readable() else 0) | (WRITE if self.writable() else 0)
+
+    def service(self) -> None:
+        """waitress's, whose last step wakes the main loop so that it looks at this
+        connection afresh (see ``wakes_main_loop``)."""
+        _serving.channel = self
+        try:
+            super().service()
+        finally:
+            _serving.channel = None
+
+    def wakes_main_loop(self) -> bool:
+        """Whether the main loop must look at this connection again after a request.
+
+        waitress wakes it after every request, because its connections stop being read
+        while a request runs. Ours are read throughout (``channel_request_lookahead``): a
+        connection that is still only to be read, as the main loop already watches it,
+        needs no wake-up, which saves a trigger write and a turn of the loop per request.
+        Anything else (bytes to send, a close, held or too many requests) wakes it.
+        """
+        if self.watched != READ or self.held is not None:  # held bytes: the loop parses them
+            return True
+        return self.current_events() != READ
 
     # --- pipelining: at most PIPELINE_DEPTH parsed requests queued -----------------------
 
@@ -396,6 +426,14 @@ class GuardedChannel(RouterChannel):
 
 class GuardedServer(TcpWSGIServer):
     """waitress's TCP server whose maintenance pass also ends too-slow requests."""
+
+    def pull_trigger(self) -> None:
+        """Wake the main loop, unless a request's end is all there is to tell it and its
+        connection needs no fresh look (``GuardedChannel.wakes_main_loop``)."""
+        finished: GuardedChannel | None = getattr(_serving, "channel", None)
+        if finished is not None and not finished.wakes_main_loop():
+            return
+        super().pull_trigger()
 
     channel_class = GuardedChannel
     header_timeout = 30.0

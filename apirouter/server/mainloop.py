@@ -45,8 +45,8 @@ class MainLoop:
         for fd in watched.keys() - socket_map.keys():  # closed or removed since
             self._forget(fd)
         for fd, dispatcher in list(socket_map.items()):
-            if socket_map.get(fd) is not dispatcher:  # closed meanwhile (the maintenance pass)
-                continue
+            if fd not in socket_map or socket_map[fd] is not dispatcher:
+                continue  # closed meanwhile (by the maintenance pass)
             poll_events = getattr(dispatcher, "poll_events", None)
             if poll_events is not None:
                 events = poll_events()
@@ -57,9 +57,9 @@ class MainLoop:
             if watched.get(fd) != (dispatcher, events):
                 self._watch(fd, dispatcher, events)
         for fd, events in epoll.poll(timeout):
-            dispatcher = socket_map.get(fd)
-            if dispatcher is not None:  # closed by an earlier handler in this turn
-                wasyncore.readwrite(dispatcher, events)
+            ready = socket_map.get(fd)
+            if ready is not None:  # closed by an earlier handler in this turn
+                wasyncore.readwrite(ready, events)
 
     def _watch(self, fd: int, dispatcher: Any, events: int) -> None:
         """Tell the kernel what ``fd`` waits for now. An fd waiting for nothing is left

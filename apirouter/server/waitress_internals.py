@@ -42,6 +42,7 @@ _UNDOCUMENTED: dict[type, tuple[str, ...]] = {
         "send",
         "handle_close",
         "will_close",
+        "service",
         "readable",
         "writable",
     ),
