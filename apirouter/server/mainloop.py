@@ -45,8 +45,6 @@ class MainLoop:
         for fd in watched.keys() - socket_map.keys():  # closed or removed since
             self._forget(fd)
         for fd, dispatcher in list(socket_map.items()):
-            if fd not in socket_map or socket_map[fd] is not dispatcher:
-                continue  # closed meanwhile (by the maintenance pass)
             poll_events = getattr(dispatcher, "poll_events", None)
             if poll_events is not None:
                 events = poll_events()
@@ -65,6 +63,8 @@ class MainLoop:
         """Tell the kernel what ``fd`` waits for now. An fd waiting for nothing is left
         out, as waitress's poll leaves it out (epoll would still report its hang-up)."""
         assert self._epoll is not None
+        if self.socket_map.get(fd) is not dispatcher:  # closed in this turn (maintenance)
+            return
         if not events:
             self._forget(fd)
             return
