@@ -222,3 +222,24 @@ def test_json_access_log(router, httpserver, log_lines):
     assert access["status"] == 503
     assert access["level"] == "error"
     assert access["error_type"] == "upstream_5xx"
+
+
+def test_log_lines_carry_the_second_they_were_written_in_and_quote_only_what_needs_it():
+    """The formatters render a second's time stamp once and reuse it: a record of the next
+    second, or of an earlier one, must still carry its own."""
+    formatter = logs.TextFormatter()
+    fields = {"status": 200, "latency_ms": 1.5, "model": None, "error_type": "a b", "key": ""}
+
+    def line(created: float) -> str:
+        record = logging.LogRecord("apirouter.access", logging.INFO, "", 0, "request", (), None)
+        record.created, record.fields = created, fields
+        return formatter.format(record)
+
+    first, same, later, earlier = line(0.2), line(0.9), line(1.1), line(0.5)
+    assert first.startswith("1970-01-01T00:00:00Z INFO    apirouter.access request ")
+    assert same.startswith("1970-01-01T00:00:00Z") and earlier.startswith("1970-01-01T00:00:00Z")
+    assert later.startswith("1970-01-01T00:00:01Z")
+    assert first.endswith(' status=200 latency_ms=1.5 model=- error_type="a b" key=""')
+    record = logging.LogRecord("apirouter.access", logging.INFO, "", 0, "request", (), None)
+    record.created, record.msecs = 61.25, 250
+    assert json.loads(logs.JsonFormatter().format(record))["time"] == "1970-01-01T00:01:01.250Z"
