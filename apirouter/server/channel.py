@@ -344,13 +344,16 @@ class GuardedChannel(RouterChannel):
             _serving.channel = None
 
     def wakes_main_loop(self) -> bool:
-        """Whether the main loop must look at this connection again after a request.
+        """Whether a wake-up asked for while this connection's request is served must
+        reach the main loop.
 
-        waitress wakes it after every request, because its connections stop being read
-        while a request runs. Ours are read throughout (``channel_request_lookahead``): a
-        connection that is still only to be read, as the main loop already watches it,
-        needs no wake-up, which saves a trigger write and a turn of the loop per request.
-        Anything else (bytes to send, a close, held or too many requests) wakes it.
+        waitress wakes it at the end of every request, because its connections stop
+        being read while a request runs. Ours are read throughout
+        (``channel_request_lookahead``): a connection that is still only to be read, as
+        the main loop already watches it, needs no wake-up, which saves a trigger write
+        and a turn of the loop per request. Anything else (bytes to send, a close, held or
+        too many requests) wakes it; the wake-ups waitress asks for mid-request all come
+        with bytes queued or a close, so they always go through.
         """
         if self.watched != READ or self.held is not None:  # held bytes: the loop parses them
             return True
@@ -427,14 +430,6 @@ class GuardedChannel(RouterChannel):
 class GuardedServer(TcpWSGIServer):
     """waitress's TCP server whose maintenance pass also ends too-slow requests."""
 
-    def pull_trigger(self) -> None:
-        """Wake the main loop, unless a request's end is all there is to tell it and its
-        connection needs no fresh look (``GuardedChannel.wakes_main_loop``)."""
-        finished: GuardedChannel | None = getattr(_serving, "channel", None)
-        if finished is not None and not finished.wakes_main_loop():
-            return
-        super().pull_trigger()
-
     channel_class = GuardedChannel
     header_timeout = 30.0
     write_timeout = 60.0
@@ -443,6 +438,14 @@ class GuardedServer(TcpWSGIServer):
     # counts every stall, by the last request's target: a stall may come after its
     # request has finished (an answer queued whole), when no ``finish`` is left to count it
     on_stalled: Callable[[str], None] = staticmethod(lambda target: None)
+
+    def pull_trigger(self) -> None:
+        """Wake the main loop, unless the wake-up comes from a worker serving a request
+        whose connection needs no fresh look (``GuardedChannel.wakes_main_loop``)."""
+        serving: GuardedChannel | None = getattr(_serving, "channel", None)
+        if serving is not None and not serving.wakes_main_loop():
+            return
+        super().pull_trigger()
 
     def handle_accept(self) -> None:
         """Accept every waiting connection (up to a batch), not one per loop turn.
